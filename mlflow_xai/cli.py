@@ -1,0 +1,106 @@
+"""The ``mlflow-xai`` command line: thin click commands over :mod:`mlflow_xai.pipeline`.
+
+Heavy imports (torch, Lightning, MLflow) happen inside the commands, so ``--help``
+answers at once. A user's mistake (:class:`XAIError`) prints one line on stderr and
+exits 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable, TypeVar
+
+import click
+
+from mlflow_xai.errors import XAIError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _empty_is_none(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+    # MLproject passes unset parameters as empty strings.
+    return None if isinstance(value, str) and value.strip() == "" else value
+
+
+def _user_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except XAIError as exc:
+            click.echo(f"mlflow-xai: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("mlflow-xai: interrupted; the run is marked KILLED", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _ui_hint() -> str:
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mlflow-xai")
+def main() -> None:
+    """Train a tuned network and look inside it, with everything kept in MLflow."""
+
+
+@main.command()
+@click.option("--config", "config", default=None, callback=_empty_is_none,
+              help="Tuned config, JSON or YAML; omitted or 'default': the built-in diabetes config.")
+@click.option("--data", default="diabetes", show_default=True, callback=_empty_is_none,
+              help="'diabetes' (embedded) or the path of a CSV/Parquet table.")
+@click.option("--target", default=None, callback=_empty_is_none, help="Target column of a table.")
+@click.option("--task", type=click.Choice(["auto", "regression", "classification"]), default="auto",
+              show_default=True)
+@click.option("--experiment", default=None, callback=_empty_is_none,
+              help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else mlflow-xai).")
+@click.option("--register-as", default=None, callback=_empty_is_none,
+              help="Register the logged model under this name.")
+@click.option("--alias", default=None, callback=_empty_is_none,
+              help="Set this alias on the registered version (needs --register-as).")
+@click.option("--test-size", default=0.4, show_default=True, type=float,
+              help="Share of the rows that form the test part (trained on, as in the cookbook).")
+@click.option("--seed", default=42, show_default=True, type=int)
+@click.option("--accelerator", default="auto", show_default=True, help="Lightning accelerator: auto, cpu, gpu, mps.")
+@click.option("--devices", default="auto", show_default=True, help="Lightning devices: auto or a count.")
+@click.option("--strategy", default="auto", show_default=True, help="Lightning strategy, e.g. ddp.")
+@click.option("--monitor/--no-monitor", default=True, show_default=True,
+              help="Log per-layer weight/gradient/activation statistics while training.")
+@click.option("--monitor-every", default=50, show_default=True, type=int,
+              help="Monitor statistics every N training steps.")
+@click.option("--histograms-every", default=1, show_default=True, type=int,
+              help="Distribution figures every K epochs.")
+@click.option("--workdir", default=None, help="Local folder for checkpoints and logs (default ./mlflow-xai-runs).")
+@click.option("--quiet", is_flag=True, help="No progress bar, only the result lines.")
+@_user_errors
+def train(config: str | None, data: str | None, target: str | None, task: str, experiment: str | None,
+          register_as: str | None, alias: str | None, test_size: float, seed: int, accelerator: str,
+          devices: str, strategy: str, monitor: bool, monitor_every: int, histograms_every: int,
+          workdir: str | None, quiet: bool) -> None:
+    """Train the tuned config on the test data and log it all to MLflow."""
+    from mlflow_xai.pipeline import train_and_log
+
+    out = train_and_log(
+        config, data=data, target=target, task=task, experiment=experiment,
+        register_as=register_as, alias=alias, test_size=test_size, seed=seed,
+        accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices,
+        strategy=strategy, workdir=workdir, monitor=monitor, monitor_every_n_steps=monitor_every,
+        monitor_histograms_every_n_epochs=histograms_every, quiet=quiet,
+    )
+    metrics = ", ".join(f"{k}={v:.4g}" for k, v in out.test_metrics.items())
+    click.echo(f"train run: {out.run_id}")
+    if metrics:
+        click.echo(f"test metrics: {metrics}")
+    if out.registered_version:
+        click.echo(f"registered: models:/{register_as}/{out.registered_version}"
+                   + (f" (alias {alias})" if alias else ""))
+    click.echo(f"see it: {_ui_hint()}")

@@ -1,0 +1,172 @@
+"""The one place a ``lightning.Trainer`` is built, and the fit on the cookbook's split.
+
+EarlyStopping on ``val_loss`` with the config's patience, ModelCheckpoint keeping the
+last and the best checkpoint, a TensorBoardLogger, everything seeded; accelerator,
+devices and strategy passed through to Lightning.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from mlflow_xai.config import TunedConfig
+from mlflow_xai.data import Dataset, Split
+from mlflow_xai.nets import XAIModule
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class FitResult:
+    """What a fit left on disk and in memory."""
+
+    module: XAIModule
+    trainer: L.Trainer
+    checkpoint_dir: Path
+    tensorboard_dir: Path
+    last_checkpoint: Path | None
+    best_checkpoint: Path | None
+    best_score: float | None
+    epochs_run: int
+    interrupted: bool
+
+
+def build_trainer(
+    cfg: TunedConfig,
+    out_dir: Path,
+    *,
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    strategy: str = "auto",
+    quiet: bool = False,
+    callbacks: Sequence[Callback] = (),
+) -> tuple[L.Trainer, ModelCheckpoint]:
+    """A Trainer with early stopping, last+best checkpoints and TensorBoard logs under ``out_dir``."""
+    checkpoint = ModelCheckpoint(
+        dirpath=out_dir / "checkpoints",
+        filename="best",
+        monitor="val_loss",
+        mode="min",
+        save_top_k=1,
+        save_last=True,
+    )
+    early = EarlyStopping(monitor="val_loss", mode="min", patience=cfg.patience)
+    logger = TensorBoardLogger(save_dir=str(out_dir), name="tensorboard", version="")
+    trainer = L.Trainer(
+        max_epochs=cfg.epochs,
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        callbacks=[early, checkpoint, *callbacks],
+        logger=logger,
+        enable_progress_bar=not quiet,
+        enable_model_summary=not quiet,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        deterministic=False,
+    )
+    return trainer, checkpoint
+
+
+def loaders(split: Split, task: str, batch_size: int) -> tuple[DataLoader, DataLoader]:
+    """Training loader over the fit rows (shuffled) and validation loader over the val rows."""
+    return _loader(split.X_fit, split.y_fit, task, batch_size, shuffle=True), _loader(
+        split.X_val, split.y_val, task, batch_size, shuffle=False
+    )
+
+
+def _loader(X: np.ndarray, y: np.ndarray, task: str, batch_size: int, shuffle: bool) -> DataLoader:
+    yt = torch.as_tensor(y, dtype=torch.long if task == "classification" else torch.float32)
+    return DataLoader(TensorDataset(torch.as_tensor(X), yt), batch_size=batch_size, shuffle=shuffle)
+
+
+def checkpoint_meta(cfg: TunedConfig, ds: Dataset, split: Split, data_spec: str) -> dict[str, Any]:
+    """What a checkpoint carries to describe itself: plain Python types only."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": cfg.to_dict(),
+        "n_in": int(ds.X.shape[1]),
+        "n_out": int(ds.n_out),
+        "task": ds.task,
+        "feature_names": list(ds.feature_names),
+        "classes": list(ds.classes),
+        "target": ds.target,
+        "data": data_spec,
+        "test_size": split.test_size,
+        "seed": split.seed,
+        "val_fraction": split.val_fraction,
+        "mean": [float(v) for v in split.mean],
+        "std": [float(v) for v in split.std],
+    }
+
+
+def fit(
+    cfg: TunedConfig,
+    ds: Dataset,
+    split: Split,
+    out_dir: Path,
+    meta: dict[str, Any],
+    *,
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    strategy: str = "auto",
+    quiet: bool = False,
+    callbacks: Sequence[Callback] = (),
+) -> FitResult:
+    """Seed everything, build the module and the Trainer, fit; Ctrl-C ends it gracefully."""
+    if quiet:
+        # Lightning's info lines (GPU available, tips, model summary) are noise under --quiet.
+        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    L.seed_everything(split.seed, workers=True, verbose=False)
+    module = XAIModule(cfg, ds.X.shape[1], ds.n_out, ds.task, meta)
+    trainer, ckpt = build_trainer(
+        cfg, out_dir, accelerator=accelerator, devices=devices, strategy=strategy, quiet=quiet,
+        callbacks=callbacks,
+    )
+    train_dl, val_dl = loaders(split, ds.task, cfg.batch_size)
+    interrupted = False
+    with warnings.catch_warnings():
+        # Small tabular data: Lightning's "few workers" and "small log interval" advice does not apply.
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*number of training batches.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch/Lightning pytree deprecation
+        try:
+            trainer.fit(module, train_dl, val_dl)
+        except SystemExit:
+            # Lightning turns Ctrl-C into a graceful shutdown followed by sys.exit(1).
+            if not trainer.interrupted:
+                raise
+            interrupted = True
+    ckdir = out_dir / "checkpoints"
+    last = ckdir / "last.ckpt"
+    best = Path(ckpt.best_model_path) if ckpt.best_model_path else None
+    score = ckpt.best_model_score
+    return FitResult(
+        module=module,
+        trainer=trainer,
+        checkpoint_dir=ckdir,
+        tensorboard_dir=out_dir / "tensorboard",
+        last_checkpoint=last if last.is_file() else None,
+        best_checkpoint=best if best is not None and best.is_file() else None,
+        best_score=float(score) if score is not None else None,
+        epochs_run=int(trainer.current_epoch),
+        interrupted=interrupted,
+    )
+
+
+def default_workdir(base: str | os.PathLike[str] | None = None) -> Path:
+    """Where a train run keeps its local checkpoints and logs (``./mlflow-xai-runs`` by default)."""
+    return Path(base or os.environ.get("MLFLOW_XAI_WORKDIR", "mlflow-xai-runs"))
