@@ -85,8 +85,23 @@ def _safe(fn: Any) -> None:
 
 
 def log_params(params: Mapping[str, Any]) -> None:
-    """All params in one call; None becomes an empty string, lists become JSON-ish text."""
-    mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+    """All params in one call; None becomes an empty string.
+
+    MLflow params are immutable. Under ``mlflow run`` the entry point's parameters are
+    already logged as given (``target=''``); where our resolved value differs (the
+    diabetes data's ``target``), it is logged as ``resolved.<key>`` instead of failing.
+    """
+    run = mlflow.active_run()
+    existing = MlflowClient().get_run(run.info.run_id).data.params if run is not None else {}
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        text = "" if value is None else str(value)
+        if key not in existing:
+            out[key] = text
+        elif existing[key] != text:
+            out[f"resolved.{key}"] = text
+    if out:
+        mlflow.log_params(out)
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:

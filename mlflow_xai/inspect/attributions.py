@@ -1,0 +1,665 @@
+"""Feature attributions and layer conductance on any ``nn.Module``, via captum.
+
+Pure computation: a model and a batch in, numpy arrays (or the frozen
+:class:`Attribution`) out; no I/O, no logging, no plotting.
+
+Four attribution methods share one entry point, :func:`attribute`:
+
+========================  ==================================================
+``integrated_gradients``  captum ``IntegratedGradients`` (Gauss-Legendre path)
+``deep_lift``             captum ``DeepLift`` (rescale rule)
+``gradient_shap``         captum ``GradientShap`` (expected gradients)
+``feature_ablation``      captum ``FeatureAblation`` (one scalar at a time)
+========================  ==================================================
+
+Conventions shared by every function here:
+
+* ``inputs`` is batch first, ``(batch, n_features)`` for tabular data; a numpy array
+  is converted to the model's dtype and device.
+* The model's output is read per sample as a flat vector of ``K`` values. ``target``
+  picks one of them: an int for every sample, or one int per sample.
+* ``task`` says what the outputs mean. ``"regression"``: with ``K == 1`` no target is
+  needed; with ``K > 1`` the caller must name the output (there is no "predicted
+  output" of a regressor). ``"classification"``: ``target=None`` means the predicted
+  class (argmax) of each sample (a single-logit binary classifier has one output:
+  its logit is explained). ``None`` infers: ``K == 1`` is a regression,
+  ``K > 1`` a classifier -- so pass ``task="regression"`` for a multi-output
+  regressor, or a missing target silently becomes "the largest output".
+* Baselines: ``None`` or ``"zeros"`` (all zeros), ``"mean"`` (the mean of ``inputs``
+  over the batch), a number, or an array/tensor broadcastable to ``inputs`` -- for
+  example the training mean per feature, shape ``(n_features,)``.
+* During the computation the model is in eval mode (dropout off, batch norm frozen);
+  every module's training flag and every parameter's ``.grad`` are restored
+  afterwards, even when the computation raises.
+
+captum is imported lazily, inside the functions: ``captum.attr`` imports
+``matplotlib.pyplot`` at import time, and this package must import neither
+(``mlflow_xai.inspect`` stays free of plotting; the CLI starts fast). The first call
+therefore pays captum's import, pyplot included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, cast, get_args
+
+import numpy as np
+import torch
+from torch import nn
+
+from mlflow_xai.errors import XAIError
+
+__all__ = [
+    "METHODS",
+    "Attribution",
+    "Method",
+    "Task",
+    "attribute",
+    "attribute_with_error",
+    "completeness_error",
+    "conductance",
+    "rank_features",
+]
+
+Method = Literal["integrated_gradients", "deep_lift", "gradient_shap", "feature_ablation"]
+Task = Literal["regression", "classification"]
+METHODS: tuple[str, ...] = get_args(Method)
+_TASKS: tuple[str, ...] = get_args(Task)
+_BASELINE_NAMES = ("zeros", "mean")
+
+#: What ``baselines`` accepts (see the module docstring).
+BaselineSpec = None | str | float | int | np.ndarray | torch.Tensor
+#: What ``target`` accepts: one output index for all samples, or one per sample.
+TargetSpec = None | int | Sequence[int] | np.ndarray | torch.Tensor
+
+# gradient_shap's baseline distribution: the given baseline(s) plus this many noisy
+# copies, the noise per feature being _GS_NOISE_SCALE times the batch's standard
+# deviation of that feature. Small enough to stay a "reference", large enough that
+# the expectation is over a neighbourhood rather than a single point.
+_GS_NOISE_SAMPLES = 16
+_GS_NOISE_SCALE = 0.1
+# feature_ablation batches several ablated copies per forward pass; cap the rows so
+# a wide input on a big batch does not allocate an unbounded tensor.
+_ABLATION_MAX_ROWS = 1 << 16
+
+# captum warnings that say nothing actionable to our users: we hand it leaf tensors
+# on purpose, and DeepLift's hooks are removed by captum itself (checked in tests).
+_QUIET = (
+    r"Input Tensor \d+ did not already require gradients",
+    r"\s*Setting forward, backward hooks and attributes on non-linear",
+)
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Attributions of one method on one batch, with their completeness error.
+
+    Attributes:
+        method: One of :data:`METHODS`.
+        values: Attributions, the shape of the inputs.
+        target: The output index explained for each sample, shape ``(batch,)``.
+        completeness_error: Per sample ``|sum(values) - (f(x) - f(baseline))|`` where
+            the method promises completeness (``integrated_gradients`` up to the
+            integration error, ``deep_lift`` exactly up to float rounding), else
+            ``None``: ``gradient_shap`` is complete only in expectation over its
+            random baselines, and ``feature_ablation`` is not additive at all.
+    """
+
+    method: str
+    values: np.ndarray
+    target: np.ndarray
+    completeness_error: np.ndarray | None
+
+
+class _FlatOutput(nn.Module):
+    """Wraps a model so every output is ``(batch, K)``: one indexing rule for targets.
+
+    A regressor returning ``(batch,)`` or ``(batch, 1)`` and a classifier returning
+    ``(batch, K)`` then look alike to captum, and ``target`` always indexes columns.
+    It is an ``nn.Module`` (not a lambda) because DeepLift hooks the model's modules.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if not isinstance(out, torch.Tensor):
+            raise XAIError(
+                f"the model returned {type(out).__name__}; attributions need a model "
+                "that returns one tensor per batch"
+            )
+        if out.ndim == 0 or out.shape[0] != x.shape[0]:
+            raise XAIError(
+                f"the model maps a batch of {x.shape[0]} to output shape "
+                f"{tuple(out.shape)}; attributions need one output row per input row"
+            )
+        return out.reshape(out.shape[0], -1)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """Everything a method needs, validated once."""
+
+    net: _FlatOutput
+    x: torch.Tensor
+    baseline: torch.Tensor  # the shape of x
+    reference: torch.Tensor  # the distinct baseline rows: (1, ...) or (batch, ...)
+    target: torch.Tensor  # long, (batch,)
+
+
+@contextlib.contextmanager
+def _attribution_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and untouched gradients for the duration; restored in ``finally``.
+
+    captum differentiates with ``torch.autograd.grad`` w.r.t. the inputs, which does
+    not accumulate into parameters' ``.grad``; restoring them anyway protects a
+    caller who explains a model between a backward pass and an optimizer step from
+    any method (or future captum version) that does call ``backward``.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+        for param, grad in grads:
+            param.grad = grad
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch and numpy's global RNGs, restoring both afterwards.
+
+    captum's GradientShap draws from ``np.random`` (baseline choice, path point)
+    and torch (its noise tunnel), so determinism needs the global generators; the
+    caller's random streams are left as they were. Not thread-safe, like captum.
+    """
+    np_state = np.random.get_state()
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def _quiet_captum() -> Iterator[None]:
+    with warnings.catch_warnings():
+        for message in _QUIET:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        yield
+
+
+def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+def _as_inputs(model: nn.Module, inputs: torch.Tensor | np.ndarray) -> torch.Tensor:
+    dtype, device = _model_dtype_device(model)
+    if not isinstance(inputs, (torch.Tensor, np.ndarray)):
+        raise XAIError(f"inputs must be a torch.Tensor or numpy array, got {type(inputs).__name__}")
+    x = torch.as_tensor(inputs).detach().to(device=device, dtype=dtype)
+    if x.ndim < 2:
+        raise XAIError(
+            f"inputs must be batch first, e.g. (batch, n_features); got shape {tuple(x.shape)}"
+            " -- for one sample pass inputs[None]"
+        )
+    if x.shape[0] == 0:
+        raise XAIError("inputs is an empty batch; pass at least one row")
+    if not torch.isfinite(x).all():
+        raise XAIError("inputs contain NaN or Inf; clean or impute them before attributing")
+    return x
+
+
+def _check_model(model: object) -> None:
+    # Before any state is saved: a non-module has no .modules() to restore.
+    if not isinstance(model, nn.Module):
+        raise XAIError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _check_task(task: str | None) -> None:
+    if task is not None and task not in _TASKS:
+        raise XAIError(f"unknown task {task!r}; use one of {', '.join(_TASKS)} or None")
+
+
+def _check_n_steps(n_steps: int) -> None:
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise XAIError(f"n_steps must be a positive integer, got {n_steps!r}")
+
+
+def _baselines(
+    spec: BaselineSpec, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(baseline shaped like x, distinct reference rows)``."""
+    row_shape = (1, *x.shape[1:])
+    if spec is None or (isinstance(spec, str) and spec == "zeros"):
+        ref = torch.zeros(row_shape, dtype=x.dtype, device=x.device)
+    elif isinstance(spec, str):
+        if spec != "mean":
+            raise XAIError(
+                f"unknown baselines {spec!r}; use {' or '.join(map(repr, _BASELINE_NAMES))}, "
+                "a number, or an array broadcastable to the inputs"
+            )
+        ref = x.mean(dim=0, keepdim=True)
+    elif isinstance(spec, (bool, np.bool_)):
+        raise XAIError("baselines must be a name, a number or an array, not a bool")
+    elif isinstance(spec, (int, float, np.integer, np.floating)):
+        ref = torch.full(row_shape, float(spec), dtype=x.dtype, device=x.device)
+    elif isinstance(spec, (torch.Tensor, np.ndarray)):
+        b = torch.as_tensor(spec).detach().to(device=x.device, dtype=x.dtype)
+        try:
+            full = torch.broadcast_to(b, x.shape)
+        except RuntimeError:
+            raise XAIError(
+                f"baselines of shape {tuple(b.shape)} do not broadcast to inputs of shape "
+                f"{tuple(x.shape)}; pass one value per feature {tuple(x.shape[1:])} or one row "
+                "per sample"
+            ) from None
+        if not torch.isfinite(b).all():
+            raise XAIError("baselines contain NaN or Inf; pass finite reference values")
+        # A baseline with its own batch dimension (> 1) gives one reference per sample;
+        # anything smaller is one reference shared by all samples.
+        per_sample = b.ndim == x.ndim and b.shape[0] > 1
+        ref = full.clone() if per_sample else torch.broadcast_to(b, row_shape).clone()
+    else:
+        raise XAIError(
+            f"baselines must be None, 'zeros', 'mean', a number or an array, "
+            f"got {type(spec).__name__}"
+        )
+    return ref.expand_as(x).contiguous(), ref
+
+
+def _targets(
+    outputs: torch.Tensor, target: TargetSpec, task: str | None
+) -> torch.Tensor:
+    """Resolve ``target`` to one output index per sample (see the module docstring)."""
+    batch, k = outputs.shape
+    valid = f"0..{k - 1}" if k > 1 else "0"
+    if target is None:
+        if k == 1:
+            return torch.zeros(batch, dtype=torch.long, device=outputs.device)
+        if task == "regression":
+            raise XAIError(
+                f"the model has {k} outputs; a multi-output regressor needs "
+                f"target=<output index in {valid}>"
+            )
+        # A classifier (said, or inferred from K > 1): explain the predicted class.
+        return outputs.argmax(dim=1)
+    if isinstance(target, (bool, np.bool_)):
+        raise XAIError(f"target must be an output index in {valid}, not a bool")
+    if isinstance(target, (int, np.integer)):
+        t = torch.full((batch,), int(target), dtype=torch.long, device=outputs.device)
+    else:
+        arr = np.asarray(
+            target.detach().cpu().numpy() if isinstance(target, torch.Tensor) else target
+        )
+        if arr.dtype.kind not in "iu":
+            raise XAIError(f"target must be integer output indices, got dtype {arr.dtype}")
+        if arr.shape != (batch,):
+            raise XAIError(
+                f"target must be one int or one index per sample (shape ({batch},)); "
+                f"got shape {arr.shape}"
+            )
+        t = torch.as_tensor(arr, dtype=torch.long, device=outputs.device)
+    bad = (t < 0) | (t >= k)
+    if bool(bad.any()):
+        first = int(t[bad][0])
+        raise XAIError(f"target {first} is out of range: the model has {k} output(s), valid {valid}")
+    return t
+
+
+def _prepare(
+    model: nn.Module,
+    inputs: torch.Tensor | np.ndarray,
+    baselines: BaselineSpec,
+    target: TargetSpec,
+    task: str | None,
+) -> _Prepared:
+    _check_task(task)
+    x = _as_inputs(model, inputs)
+    baseline, reference = _baselines(baselines, x)
+    net = _FlatOutput(model)
+    with torch.no_grad():
+        outputs = net(x)  # in eval mode: the caller holds _attribution_mode
+    return _Prepared(net, x, baseline, reference, _targets(outputs, target, task))
+
+
+def _gradient_shap_distribution(p: _Prepared, seed: int) -> torch.Tensor:
+    """The given reference rows stacked with seeded noisy copies of them."""
+    gen = torch.Generator(device=p.x.device).manual_seed(seed)
+    rows = p.reference.shape[0]
+    idx = torch.arange(_GS_NOISE_SAMPLES, device=p.x.device) % rows
+    # Per-feature spread of the batch sets the noise scale; one row has none, and
+    # then the distribution collapses to the baseline itself (plain expected IG).
+    if p.x.shape[0] > 1:
+        spread = p.x.std(dim=0, unbiased=False, keepdim=True)
+    else:
+        spread = torch.zeros_like(p.x[:1])
+    noise = torch.randn(
+        (_GS_NOISE_SAMPLES, *p.x.shape[1:]), generator=gen, device=p.x.device, dtype=p.x.dtype
+    )
+    return torch.cat([p.reference, p.reference[idx] + _GS_NOISE_SCALE * spread * noise])
+
+
+def _run(p: _Prepared, method: str, n_steps: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run one captum method: ``(attributions, |convergence delta| or None)``."""
+    from captum.attr import DeepLift, FeatureAblation, GradientShap, IntegratedGradients
+
+    # The delta costs two forward passes of the batch (IG itself runs n_steps of
+    # them), so it is always computed rather than made a second code path.
+    if method == "integrated_gradients":
+        values, delta = IntegratedGradients(p.net).attribute(
+            p.x,
+            baselines=p.baseline,
+            target=p.target,
+            n_steps=n_steps,
+            method="gausslegendre",
+            return_convergence_delta=True,
+        )
+        return values, delta.abs()
+    if method == "deep_lift":
+        values, delta = DeepLift(p.net).attribute(
+            p.x, baselines=p.baseline, target=p.target, return_convergence_delta=True
+        )
+        return values, delta.abs()
+    if method == "gradient_shap":
+        dist = _gradient_shap_distribution(p, seed)
+        with _seeded(seed, p.x.device):
+            # n_steps doubles as the number of random (baseline, path point) draws
+            # per sample: the Monte-Carlo counterpart of IG's integration steps.
+            # stdevs=0: no noise on the inputs, so the expectation stays exact.
+            values = GradientShap(p.net).attribute(
+                p.x, baselines=dist, target=p.target, n_samples=n_steps, stdevs=0.0
+            )
+        return cast(torch.Tensor, values), None
+    if method == "feature_ablation":
+        n_features = int(p.x[0].numel())
+        per_eval = max(1, min(n_features, _ABLATION_MAX_ROWS // p.x.shape[0]))
+        values = FeatureAblation(p.net).attribute(
+            p.x, baselines=p.baseline, target=p.target, perturbations_per_eval=per_eval
+        )
+        return cast(torch.Tensor, values), None
+    raise XAIError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")  # callers validate
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        close = difflib.get_close_matches(str(method), METHODS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise XAIError(f"unknown method {method!r}{hint}; use one of {', '.join(METHODS)}")
+
+
+def attribute_with_error(
+    model: nn.Module,
+    inputs: torch.Tensor | np.ndarray,
+    method: Method,
+    baselines: BaselineSpec = None,
+    target: TargetSpec = None,
+    *,
+    task: Task | None = None,
+    n_steps: int = 50,
+    seed: int = 0,
+) -> Attribution:
+    """Attribute the model's output to its input features, with the completeness error.
+
+    Same arguments as :func:`attribute`. The completeness error is captum's
+    convergence delta, ``|sum(attributions) - (f(x) - f(baseline))|`` per sample,
+    for ``integrated_gradients`` and ``deep_lift``; ``None`` for the others.
+
+    Tolerance, measured (float32, ``n_steps=50``, Gauss-Legendre) on the test nets:
+    5-16-12-1 MLPs, weights ~ N(0, (1.5/sqrt(fan_in))^2), biases ~ N(0, 0.5^2),
+    inputs ~ N(0, 2^2), zero and mean baselines, 10 seeds x 2 baselines x 64 rows.
+    Errors are relative to the batch's mean ``|f(x) - f(baseline)|``:
+
+    * ``integrated_gradients``, tanh/sigmoid nets: worst 5e-6 -- float rounding;
+      the quadrature is exact for polynomials of degree < 100 along the path.
+    * ``integrated_gradients``, ReLU nets: median 9e-3, worst 9e-2. The integrand
+      jumps at every ReLU kink, so the rule is only first order and the error
+      shrinks as ``1/n_steps`` (``n_steps=200``: median 2e-3, worst 2e-2).
+    * ``deep_lift``: worst 6e-6, float rounding (the rescale rule is complete by
+      construction).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        >>> res = attribute_with_error(net, torch.randn(8, 3), "integrated_gradients")
+        >>> res.values.shape, bool((res.completeness_error < 1e-4).all())
+        ((8, 3), True)
+    """
+    _check_model(model)
+    _check_method(method)
+    _check_n_steps(n_steps)
+    with _attribution_mode(model), _quiet_captum():
+        p = _prepare(model, inputs, baselines, target, task)
+        values, delta = _run(p, method, n_steps, seed)
+    return Attribution(
+        method=method,
+        values=values.detach().cpu().numpy(),
+        target=p.target.cpu().numpy(),
+        completeness_error=None if delta is None else delta.detach().cpu().numpy(),
+    )
+
+
+def attribute(
+    model: nn.Module,
+    inputs: torch.Tensor | np.ndarray,
+    method: Method,
+    baselines: BaselineSpec = None,
+    target: TargetSpec = None,
+    *,
+    task: Task | None = None,
+    n_steps: int = 50,
+    seed: int = 0,
+) -> np.ndarray:
+    """Attribute the model's output to its input features.
+
+    Args:
+        model: Any ``nn.Module`` mapping a batch to one output row per sample. Put
+            it in eval mode for the call; training flags and ``.grad`` are restored.
+        inputs: Batch-first inputs, e.g. ``(batch, n_features)``.
+        method: ``"integrated_gradients"``, ``"deep_lift"``, ``"gradient_shap"`` or
+            ``"feature_ablation"``.
+        baselines: The reference input: ``None``/``"zeros"``, ``"mean"`` (batch mean),
+            a number, or an array broadcastable to ``inputs`` (e.g. the training mean,
+            shape ``(n_features,)``). For ``gradient_shap`` the baseline rows plus 16
+            noisy copies (noise 0.1 x the batch's per-feature std, seeded) form the
+            baseline distribution.
+        target: Which output to explain: one index, or one per sample. Defaults to
+            output 0 of a single-output model and to the predicted class (argmax) of
+            a classifier; a multi-output regressor must name it.
+        task: ``"regression"``, ``"classification"`` or ``None`` (infer: one output is
+            a regression, several a classification).
+        n_steps: Integration steps (``integrated_gradients``); random draws per sample
+            (``gradient_shap``); unused by ``deep_lift`` and ``feature_ablation``.
+        seed: Seeds ``gradient_shap``'s noise and draws; the caller's global RNG
+            state is restored afterwards.
+
+    Returns:
+        Attributions of the inputs' shape; ``float`` in the model's dtype.
+
+    Raises:
+        XAIError: Unknown method or task, a target out of range or missing for a
+            multi-output regressor, baselines that do not broadcast, non-finite
+            inputs.
+
+    Example:
+        >>> net = nn.Linear(3, 1)
+        >>> x = torch.randn(5, 3)
+        >>> attr = attribute(net, x, "deep_lift")
+        >>> np.allclose(attr, (net.weight * x).detach().numpy(), atol=1e-6)
+        True
+    """
+    return attribute_with_error(
+        model, inputs, method, baselines, target, task=task, n_steps=n_steps, seed=seed
+    ).values
+
+
+def completeness_error(
+    model: nn.Module,
+    inputs: torch.Tensor | np.ndarray,
+    attributions: np.ndarray | torch.Tensor,
+    baselines: BaselineSpec = None,
+    target: TargetSpec = None,
+    *,
+    task: Task | None = None,
+) -> np.ndarray:
+    """Per sample ``|sum(attributions) - (f(x) - f(baseline))|``.
+
+    The check behind every path method: attributions should split the change in
+    output between baseline and input among the features. Pass the same
+    ``baselines``/``target``/``task`` as to :func:`attribute` (the target is
+    resolved the same way, so the default explains the same output).
+
+    Returns:
+        Shape ``(batch,)``, float64.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        >>> x = torch.randn(8, 3)
+        >>> attr = attribute(net, x, "integrated_gradients", baselines="mean")
+        >>> bool((completeness_error(net, x, attr, baselines="mean") < 1e-4).all())
+        True
+    """
+    _check_model(model)
+    with _attribution_mode(model), torch.no_grad():
+        p = _prepare(model, inputs, baselines, target, task)
+        a = torch.as_tensor(
+            attributions.detach().cpu().numpy() if isinstance(attributions, torch.Tensor) else attributions
+        )
+        if tuple(a.shape) != tuple(p.x.shape):
+            raise XAIError(
+                f"attributions of shape {tuple(a.shape)} do not match inputs of shape "
+                f"{tuple(p.x.shape)}"
+            )
+        rows = torch.arange(p.x.shape[0], device=p.x.device)
+        gain = p.net(p.x)[rows, p.target] - p.net(p.baseline)[rows, p.target]
+    # float64 for the comparison: the sum of many float32 terms is itself approximate.
+    total = a.double().reshape(a.shape[0], -1).sum(dim=1).numpy()
+    return cast(np.ndarray, np.abs(total - gain.double().cpu().numpy()))
+
+
+def _resolve_layer(model: nn.Module, layer: str) -> nn.Module:
+    modules = {name: m for name, m in model.named_modules() if name}
+    if layer in modules:
+        return modules[layer]
+    names = list(modules)
+    # Close matches first (a typo), then the first names, so the user sees the form.
+    close = difflib.get_close_matches(str(layer), names, n=3)
+    shown = close + [n for n in names if n not in close][: 8 - len(close)]
+    more = f", ... ({len(names)} in all)" if len(names) > len(shown) else ""
+    listed = ", ".join(shown) if shown else "(the model has no submodules)"
+    raise XAIError(f"unknown layer {layer!r}; valid layer names: {listed}{more}")
+
+
+def conductance(
+    model: nn.Module,
+    inputs: torch.Tensor | np.ndarray,
+    layer: str,
+    target: TargetSpec = None,
+    baselines: BaselineSpec = None,
+    *,
+    task: Task | None = None,
+    n_steps: int = 50,
+) -> np.ndarray:
+    """Layer conductance: how much each unit of ``layer`` carries of the output change.
+
+    captum's ``LayerConductance`` along the straight path from the baseline to each
+    input, on a uniform grid of ``n_steps + 1`` points from the baseline to the input
+    (``riemann_trapezoid`` alphas: captum multiplies the gradient at each point by the
+    change of the layer's output to the next point, and only a grid that includes
+    both ends makes those changes add up to the whole ``h(x) - h(baseline)``; the
+    Gauss-Legendre points drop the two end segments). When every path from input to
+    output passes through ``layer`` (any layer of a sequential MLP), the
+    conductances of a sample sum to ``f(x) - f(baseline)``, the sum of its
+    integrated-gradients attributions, up to the error of captum's rule, which is
+    first order (the gradient at the left end of each step). Measured as in
+    :func:`attribute_with_error` (relative to the mean ``|f(x) - f(baseline)|``,
+    layer ``layers.2``): with ``n_steps=50``, tanh nets median 1.5e-2, worst 1.7e-1;
+    sigmoid median 2e-3, worst 5e-2; ReLU median 1e-2, worst 1.8e-1. The error
+    falls as ``1/n_steps`` (``n_steps=200``: tanh median 4e-3, worst 4e-2), so
+    raise it when the per-unit split must add up closely.
+
+    Args:
+        model: Any ``nn.Module``.
+        inputs: Batch-first inputs.
+        layer: Qualified module name, as in ``model.named_modules()`` (``"layers.0"``).
+        target, baselines, task: As in :func:`attribute`.
+        n_steps: Integration steps.
+
+    Returns:
+        The layer output's shape: ``(batch, units)`` for a ``Linear`` layer.
+
+    Raises:
+        XAIError: Unknown layer (the message lists valid names), and the errors of
+            :func:`attribute`.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+        >>> conductance(net, torch.randn(6, 3), "0").shape
+        (6, 4)
+    """
+    from captum.attr import LayerConductance
+
+    _check_model(model)
+    _check_n_steps(n_steps)
+    module = _resolve_layer(model, layer)
+    with _attribution_mode(model), _quiet_captum():
+        p = _prepare(model, inputs, baselines, target, task)
+        values = LayerConductance(p.net, module).attribute(
+            p.x,
+            baselines=p.baseline,
+            target=p.target,
+            n_steps=n_steps,
+            method="riemann_trapezoid",
+        )
+    if not isinstance(values, torch.Tensor):
+        raise XAIError(f"layer {layer!r} returns several tensors; choose a layer with one output")
+    return cast(np.ndarray, values.detach().cpu().numpy())
+
+
+def rank_features(
+    attr: np.ndarray, feature_names: Sequence[str] | None = None
+) -> list[tuple[str, float]]:
+    """Features sorted by mean absolute attribution over the batch, largest first.
+
+    Args:
+        attr: ``(batch, n_features)`` attributions (a 1-D array is one sample).
+        feature_names: One name per feature; ``None`` names them ``x0, x1, ...``.
+
+    Returns:
+        ``[(name, mean_abs), ...]``, descending; ties keep the feature order and
+        NaN sorts last.
+
+    Example:
+        >>> rank_features(np.array([[1.0, -3.0], [-1.0, 1.0]]), ["age", "bmi"])
+        [('bmi', 2.0), ('age', 1.0)]
+    """
+    a = np.atleast_2d(np.asarray(attr, dtype=float))
+    if a.ndim != 2:
+        raise XAIError(
+            f"rank_features needs (batch, n_features) attributions, got shape {a.shape}; "
+            "flatten per-sample attributions first"
+        )
+    n = a.shape[1]
+    names = [f"x{i}" for i in range(n)] if feature_names is None else [str(s) for s in feature_names]
+    if len(names) != n:
+        raise XAIError(f"got {len(names)} feature names for {n} features; pass one name per column")
+    scores = np.abs(a).mean(axis=0)
+    # Stable sort: ties keep the column order; NaN (a broken model) goes last.
+    order = sorted(range(n), key=lambda i: (bool(np.isnan(scores[i])), -np.nan_to_num(scores[i])))
+    return [(names[i], float(scores[i])) for i in order]

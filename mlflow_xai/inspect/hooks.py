@@ -1,0 +1,269 @@
+"""Layer selection and forward hooks that capture module outputs.
+
+Hooks are registered inside ``try`` and removed in ``finally`` (as captum does), so a
+forward pass that raises leaves the user's model exactly as it was. A torch function
+mode active during the forward pass keeps the (zero-copy) captures safe from later
+in-place ops.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+from mlflow_xai.errors import XAIError
+
+__all__ = ["LayerSelection", "capture_activations", "resolve_layers", "is_leaf"]
+
+#: ``None`` (all), qualified module names (``"layers.0"``), or ``(name, module) -> bool``.
+LayerSelection = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
+
+# How many valid names an "unknown layer" message lists: enough to spot a typo.
+_NAMES_IN_ERROR = 8
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """True for modules without child modules: the ones that do the computing."""
+    return next(iter(module.children()), None) is None
+
+
+def resolve_layers(
+    model: nn.Module,
+    layers: LayerSelection,
+    default: Callable[[nn.Module], bool] = is_leaf,
+) -> list[tuple[str, nn.Module]]:
+    """The ``(qualified name, module)`` pairs a layer selection picks, in model order.
+
+    ``None`` picks every module for which ``default`` holds (the leaves, unless told
+    otherwise); a predicate filters that same default set; names pick exactly the named
+    modules, leaf or not, so a user can ask for the output of a whole block.
+
+    Args:
+        model: The network.
+        layers: ``None``, one name, a list of names, or ``(name, module) -> bool``.
+        default: Which modules ``None`` and a predicate choose among.
+
+    Returns:
+        Pairs in the order of ``model.named_modules()``.
+
+    Raises:
+        XAIError: A name is not a module of ``model``, or ``layers`` has a wrong type.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+        >>> [n for n, _ in resolve_layers(net, None)]
+        ['0', '1']
+    """
+    named = list(model.named_modules())
+    if layers is None:
+        return [(n, m) for n, m in named if default(m)]
+    if isinstance(layers, str):
+        layers = [layers]
+    if callable(layers):
+        pred = layers
+        return [(n, m) for n, m in named if default(m) and pred(n, m)]
+    names = list(layers) if isinstance(layers, Iterable) else None  # a generator is read once
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise XAIError(
+            "layers must be None, a list of qualified module names such as 'layers.0', "
+            f"or a predicate (name, module) -> bool; got {type(layers).__name__}"
+        )
+    wanted = set(names)
+    known = {n for n, _ in named}
+    unknown = sorted(wanted - known)
+    if unknown:
+        # Close matches first (a typo such as 'layer.0'), then the leaves in model order.
+        close = [c for u in unknown for c in difflib.get_close_matches(u, [n for n in known if n], n=3)]
+        leaves = [n for n, m in named if n and is_leaf(m)] or [n for n, _ in named if n]
+        valid = list(dict.fromkeys(close + leaves))
+        shown = ", ".join(valid[:_NAMES_IN_ERROR]) + (", ..." if len(valid) > _NAMES_IN_ERROR else "")
+        raise XAIError(
+            f"unknown layer {', '.join(repr(u) for u in unknown)} in {type(model).__name__}; "
+            f"use qualified names from model.named_modules(), e.g. {shown or '(none)'}"
+        )
+    return [(n, m) for n, m in named if n in wanted]
+
+
+def first_tensor(output: Any) -> torch.Tensor | None:
+    """The tensor a module produced: itself, or the first tensor in a tuple/list/dict.
+
+    LSTMs return ``(out, (h, c))`` and attention returns ``(out, weights)``; the first
+    element is the output the next layer sees.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        for item in output:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _storage_key(t: torch.Tensor) -> int | None:
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # sparse, nested or meta tensors
+        return None
+
+
+# Dunder methods that write into their first argument; other in-place ops end in "_"
+# (add_, relu_, masked_fill_) or take inplace=True (F.relu, F.dropout) or out=.
+_INPLACE_DUNDERS = frozenset(
+    {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+     "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"}
+)
+
+
+def _written_tensors(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors a torch call is about to overwrite."""
+    name = getattr(func, "__name__", "")
+    written: list[Any] = []
+    if args and (
+        name in _INPLACE_DUNDERS
+        or (name.endswith("_") and not name.startswith("__"))
+        or kwargs.get("inplace") is True
+    ):
+        written.append(args[0])
+    out = kwargs.get("out")
+    written += list(out) if isinstance(out, (tuple, list)) else [out]
+    return [t for t in written if isinstance(t, torch.Tensor)]
+
+
+class _Recorder(TorchFunctionMode):
+    """Keeps captured outputs and their call order, and protects them from in-place ops.
+
+    Captures share memory with the module outputs (no copy), so a later in-place op
+    (``ReLU(inplace=True)``, ResNet's ``out += identity``) would silently rewrite them.
+    Active as a torch function mode during the forward pass, the recorder sees every
+    torch call, and copies a capture just before a call writes into its storage.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.order: list[str] = []  # names in the order their hooks fired
+        self._by_storage: dict[int, set[str]] = {}
+        self._version: dict[str, int] = {}
+        self._modified: set[str] = set()
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if self._by_storage:
+            for t in _written_tensors(func, args, kwargs):
+                self._protect(t)
+        return func(*args, **kwargs)
+
+    def _protect(self, target: torch.Tensor) -> None:
+        key = _storage_key(target)
+        for name in self._by_storage.pop(key, set()) if key is not None else ():
+            captured = self.outputs.get(name)
+            if captured is None or _storage_key(captured) != key:
+                continue  # the name was re-captured since; its new tensor lives elsewhere
+            if captured._version != self._version[name]:
+                self._modified.add(name)  # already changed by an op we could not see
+            self.outputs[name] = captured.clone()
+            self._version[name] = self.outputs[name]._version
+
+    def forward_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            t = first_tensor(output)
+            if t is None:
+                return
+            # detach() shares memory: no copy unless an in-place op forces one.
+            t = t.detach()
+            self.outputs[name] = t
+            self.order.append(name)
+            self._version[name] = t._version
+            key = _storage_key(t)
+            if key is not None:
+                self._by_storage.setdefault(key, set()).add(name)
+
+        return hook
+
+    def warn_if_modified(self) -> None:
+        """In-place writes the mode cannot see (from C++ extensions, say) still bump the
+        version counter; name the captures they changed rather than hide it."""
+        changed = self._modified | {n for n, t in self.outputs.items() if t._version != self._version[n]}
+        if changed:
+            names = [n for n in self.outputs if n in changed]
+            warnings.warn(
+                "outputs of " + ", ".join(names[:_NAMES_IN_ERROR]) + " were modified in place "
+                "after they were captured; their recorded values show the later state",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
+@contextmanager
+def record_outputs(
+    model: nn.Module, modules: Sequence[tuple[str, nn.Module]]
+) -> Iterator[_Recorder]:
+    """Hooks on ``modules`` for the duration of the block; the engine behind
+    :func:`capture_activations`, which also exposes the call order."""
+    rec = _Recorder()
+    handles: list[RemovableHandle] = []
+    try:
+        for name, module in modules:
+            handles.append(module.register_forward_hook(rec.forward_hook(name)))
+        with rec:
+            yield rec
+        rec.warn_if_modified()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def capture_activations(
+    model: nn.Module, layers: LayerSelection = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Capture the outputs of modules during the forward passes run inside the block.
+
+    By default every leaf module (one without children) is hooked, so the output after
+    a ``ReLU`` is its own entry. Values are detached and share memory with the outputs;
+    while the block runs, a torch function mode copies a capture just before an
+    in-place op (``ReLU(inplace=True)``, ``out += x``) would overwrite it. A module
+    called several times keeps its last output; a module returning a tuple/list keeps
+    its first tensor. On leaving the block the dict is re-ordered to
+    ``model.named_modules()`` order, and every hook is removed, even if forward raised.
+
+    Args:
+        model: Any ``nn.Module``.
+        layers: ``None`` (all leaves), qualified names, or ``(name, module) -> bool``
+            applied to the leaves.
+
+    Yields:
+        A dict ``name -> output tensor``, filled as the forward pass runs.
+
+    Raises:
+        XAIError: A layer name is unknown.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+        >>> with capture_activations(net) as acts:
+        ...     _ = net(torch.ones(1, 2))
+        >>> list(acts)
+        ['0', '1']
+    """
+    modules = resolve_layers(model, layers)
+    with record_outputs(model, modules) as rec:
+        try:
+            yield rec.outputs
+        finally:
+            rank = {name: i for i, (name, _) in enumerate(modules)}
+            ordered = sorted(rec.outputs.items(), key=lambda kv: rank[kv[0]])
+            rec.outputs.clear()
+            rec.outputs.update(ordered)

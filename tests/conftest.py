@@ -1,0 +1,54 @@
+"""Shared fixtures: a real sqlite MLflow store in tmp_path, and one small trained run per session."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+# Tiny but real: the cookbook rule at l1=1 on the diabetes data (10 inputs).
+TINY_CONFIG: dict[str, Any] = {"l1": 1, "epochs": 3, "batch_size": 32, "patience": 2}
+
+
+def _isolate(monkeypatch: pytest.MonkeyPatch, root: Path) -> str:
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_XAI_WORKDIR", str(root / "work"))
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(root)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh sqlite MLflow store in tmp_path; yields its tracking URI."""
+    uri = _isolate(monkeypatch, tmp_path)
+    yield uri
+    import mlflow
+
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    return path
+
+
+def env_for(uri: str, workdir: Path) -> dict[str, str]:
+    """Environment for a CLI subprocess logging to ``uri``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_XAI_WORKDIR=str(workdir))
+    # `mlflow run --env-manager local` runs `python` from PATH: make it this interpreter.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
