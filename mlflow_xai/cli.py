@@ -8,6 +8,7 @@ exits 2, without a traceback.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from typing import Any, Callable, TypeVar
 
@@ -36,6 +37,12 @@ def _user_errors(fn: F) -> F:
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _quiet_downloads(quiet: bool) -> None:
+    # MLflow's artifact download bar is noise when quiet or when stderr is not a terminal.
+    if quiet or not sys.stderr.isatty():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _ui_hint() -> str:
@@ -103,4 +110,41 @@ def train(config: str | None, data: str | None, target: str | None, task: str, e
     if out.registered_version:
         click.echo(f"registered: models:/{register_as}/{out.registered_version}"
                    + (f" (alias {alias})" if alias else ""))
+    click.echo(f"see it: {_ui_hint()}")
+
+
+@main.command()
+@click.option("--run-id", default=None, callback=_empty_is_none, help="Explain this train run.")
+@click.option("--model-uri", default=None, callback=_empty_is_none,
+              help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/...")
+@click.option("--experiment", default=None, callback=_empty_is_none,
+              help="Where to find the latest train run, and where the explain run goes "
+                   "(default: beside the run it explains).")
+@click.option("--device", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.option("--batches", default=1, show_default=True, type=int,
+              help="Explain on this many batches (of the config's batch size) of the test part.")
+@click.option("--absolute", is_flag=True, help="Heatmaps of magnitudes instead of signed values.")
+@click.option("--attributions", default="all", show_default=True,
+              help="Attribution methods: all, none, or a comma-separated list of integrated_gradients, "
+                   "deep_lift, gradient_shap, feature_ablation.")
+@click.option("--data", default=None, callback=_empty_is_none,
+              help="The training table, if it is no longer where the train run read it.")
+@click.option("--quiet", is_flag=True, help="No progress lines, only the result lines.")
+@_user_errors
+def explain(run_id: str | None, model_uri: str | None, experiment: str | None, device: str, batches: int,
+            absolute: bool, attributions: str, data: str | None, quiet: bool) -> None:
+    """Explain a trained model and log the explanation as MLflow artifacts."""
+    from mlflow_xai.pipeline import explain_and_log
+
+    _quiet_downloads(quiet)
+    out = explain_and_log(run_id=run_id, model_uri=model_uri, experiment=experiment, device=device,
+                          batches=batches, absolute=absolute, attributions=attributions, data=data,
+                          quiet=quiet)
+    for msg in out.warnings:
+        click.echo(f"mlflow-xai: warning: {msg}", err=True)
+    for flag in out.summary.get("diagnostics", {}).get("flags", []):
+        click.echo(f"finding: {flag}")
+    click.echo(f"explain run: {out.run_id} (explains train run {out.source.run_id})")
+    click.echo(f"report: artifact xai/report.html of run {out.run_id}")
     click.echo(f"see it: {_ui_hint()}")

@@ -48,6 +48,9 @@ class Split:
 
     ``fit``/``val`` partition the test part (the network is trained on ``fit`` with
     early stopping on ``val``); ``test`` is the whole test part, evaluated after training.
+    A regression target is standardized too (``y = (raw - y_mean) / y_std``), so losses
+    and gradients do not scale with the target's units (the diabetes target is ~150);
+    :meth:`raw_target` maps back.
     """
 
     X_fit: np.ndarray
@@ -58,10 +61,17 @@ class Split:
     y_test: np.ndarray
     mean: np.ndarray  # per-feature mean of the training part
     std: np.ndarray  # per-feature std of the training part (1 where constant)
+    y_mean: float  # training part's target mean (0 for classification)
+    y_std: float  # training part's target std (1 for classification)
     n_train: int  # size of the training part (used only for the statistics)
     seed: int
     test_size: float
     val_fraction: float
+
+
+def raw_target(y: np.ndarray, y_mean: float, y_std: float) -> np.ndarray:
+    """Map a standardized regression target (or prediction) back to the target's units."""
+    return y * y_std + y_mean
 
 
 def load_dataset(
@@ -196,11 +206,17 @@ def split_dataset(
     std = np.where(std > 0, std, 1.0).astype(np.float32)  # a constant feature stays 0, not NaN
     Xs = ((ds.X - mean) / std).astype(np.float32)
     fit_idx, val_idx = train_test_split(test_idx, test_size=val_fraction, random_state=seed)
+    y_mean, y_std = 0.0, 1.0
+    ys = ds.y
+    if ds.task == "regression":
+        y_mean = float(ds.y[train_idx].mean())
+        y_std = float(ds.y[train_idx].std()) or 1.0
+        ys = ((ds.y - y_mean) / y_std).astype(np.float32)
     return Split(
-        X_fit=Xs[fit_idx], y_fit=ds.y[fit_idx],
-        X_val=Xs[val_idx], y_val=ds.y[val_idx],
-        X_test=Xs[test_idx], y_test=ds.y[test_idx],
-        mean=mean.astype(np.float32), std=std,
+        X_fit=Xs[fit_idx], y_fit=ys[fit_idx],
+        X_val=Xs[val_idx], y_val=ys[val_idx],
+        X_test=Xs[test_idx], y_test=ys[test_idx],
+        mean=mean.astype(np.float32), std=std, y_mean=y_mean, y_std=y_std,
         n_train=len(train_idx), seed=seed, test_size=test_size, val_fraction=val_fraction,
     )
 

@@ -53,6 +53,26 @@ def _initialize(module: nn.Module, scheme: str) -> None:
             nn.init.zeros_(m.bias)
 
 
+class ServingModel(nn.Module):
+    """The network as the MLflow model serves it: raw features in, target units (or logits) out.
+
+    Training sees standardized features and, for regression, a standardized target;
+    this wrapper applies the training part's statistics on both sides, so a user of
+    the logged model passes the table's own columns.
+    """
+
+    def __init__(self, net: nn.Module, x_mean: Any, x_std: Any, y_mean: float, y_std: float) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("x_mean", torch.as_tensor(x_mean, dtype=torch.float32))
+        self.register_buffer("x_std", torch.as_tensor(x_std, dtype=torch.float32))
+        self.register_buffer("y_mean", torch.tensor(float(y_mean)))
+        self.register_buffer("y_std", torch.tensor(float(y_std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.x_mean) / self.x_std) * self.y_std + self.y_mean
+
+
 def loss_for(task: str) -> nn.Module:
     """The model's own loss: MSE for regression, cross-entropy for classification."""
     return nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()

@@ -28,6 +28,13 @@ def progress_printer(quiet: bool) -> Callable[[str], None]:
     return lambda msg: print(f"[mlflow-xai] {msg}", file=sys.stderr, flush=True)
 
 
+def serving_model(net: Any, split: Any) -> Any:
+    """The network as the MLflow model serves it: raw features in, target units out."""
+    from mlflow_xai.nets import ServingModel
+
+    return ServingModel(net, split.mean, split.std, split.y_mean, split.y_std).eval()
+
+
 @dataclass
 class TrainOutcome:
     run_id: str
@@ -38,11 +45,17 @@ class TrainOutcome:
     workdir: Path | None = None
 
 
-def test_metrics(model: Any, X: np.ndarray, y: np.ndarray, task: str) -> dict[str, float]:
-    """``test_loss`` plus rmse/mae/r2 (regression) or accuracy/f1 (classification) on the test part."""
+def test_metrics(model: Any, X: np.ndarray, y: np.ndarray, task: str,
+                 y_mean: float = 0.0, y_std: float = 1.0) -> dict[str, float]:
+    """``test_loss`` plus rmse/mae/r2 (regression) or accuracy/f1 (classification) on the test part.
+
+    ``test_loss`` is the training loss (on the standardized target for regression);
+    rmse and mae are in the target's own units.
+    """
     import torch
     from sklearn import metrics as skm
 
+    from mlflow_xai.data import raw_target
     from mlflow_xai.nets import loss_for
 
     was_training = model.training
@@ -62,12 +75,12 @@ def test_metrics(model: Any, X: np.ndarray, y: np.ndarray, task: str) -> dict[st
             "test_f1": float(skm.f1_score(y, pred, average="macro")),
         }
     pred = out.squeeze(-1).numpy()
-    mse = float(np.mean((pred - y) ** 2))
+    raw_pred, raw_y = raw_target(pred, y_mean, y_std), raw_target(y, y_mean, y_std)
     return {
-        "test_loss": mse,
-        "test_rmse": float(np.sqrt(mse)),
-        "test_mae": float(skm.mean_absolute_error(y, pred)),
-        "test_r2": float(skm.r2_score(y, pred)),
+        "test_loss": float(np.mean((pred - y) ** 2)),
+        "test_rmse": float(np.sqrt(np.mean((raw_pred - raw_y) ** 2))),
+        "test_mae": float(skm.mean_absolute_error(raw_y, raw_pred)),
+        "test_r2": float(skm.r2_score(raw_y, raw_pred)),
     }
 
 
@@ -151,9 +164,10 @@ def train_and_log(
             tracking.log_artifact(result.best_checkpoint, "checkpoints")
             tracking.set_tags({"mlflow_xai.best_val_loss": result.best_score})
         net = result.module.net.cpu().eval()
-        metrics = test_metrics(net, split.X_test, split.y_test, ds.task)
+        metrics = test_metrics(net, split.X_test, split.y_test, ds.task, split.y_mean, split.y_std)
         tracking.log_metrics({**metrics, "epochs_run": result.epochs_run})
-        tracking.log_pytorch_model(net, split.X_test[:5], register_as)
+        raw_example = (split.X_test[:5] * split.std + split.mean).astype(np.float32)
+        tracking.log_pytorch_model(serving_model(net, split), raw_example, register_as)
         version = None
         if register_as:
             version = tracking.latest_version(register_as, run_id)
@@ -169,3 +183,270 @@ class ExplainOutcome:
     artifacts: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+ATTRIBUTION_METHODS = ("integrated_gradients", "deep_lift", "gradient_shap", "feature_ablation")
+
+
+def parse_attributions(spec: str | None) -> tuple[str, ...]:
+    """``all`` (default), ``none``, or a comma-separated list of method names."""
+    if spec is None or spec.strip() in ("", "all"):
+        return ATTRIBUTION_METHODS
+    if spec.strip() == "none":
+        return ()
+    methods = tuple(m.strip() for m in spec.split(",") if m.strip())
+    for m in methods:
+        if m not in ATTRIBUTION_METHODS:
+            raise XAIError(
+                f"attribution method {m!r} is not supported; use all, none or a comma-separated "
+                f"list of {', '.join(ATTRIBUTION_METHODS)}"
+            )
+    return methods
+
+
+def _explain_data(meta: dict[str, Any], data_override: str | None, batch_rows: int) -> tuple[Any, Any, Any]:
+    """The test part the model was trained on: same data, split and standardization as training."""
+    from mlflow_xai.data import load_dataset, split_dataset
+
+    spec = data_override or meta.get("data") or "diabetes"
+    try:
+        ds = load_dataset(spec, meta.get("target") if spec != "diabetes" else None, meta["task"])
+    except XAIError as exc:
+        raise XAIError(f"{exc} (the train run used data {meta.get('data')!r}; pass --data PATH to point at it)") from exc
+    if tuple(ds.feature_names) != tuple(meta["feature_names"]):
+        raise XAIError(
+            f"data {spec!r} has features {list(ds.feature_names)[:6]}..., not the ones the model was trained on "
+            f"({list(meta['feature_names'])[:6]}...); pass the training table with --data"
+        )
+    split = split_dataset(ds, test_size=float(meta.get("test_size", 0.4)), seed=int(meta.get("seed", 42)),
+                          val_fraction=float(meta.get("val_fraction", 0.2)))
+    X, y = split.X_test[:batch_rows], split.y_test[:batch_rows]
+    return ds, X, y
+
+
+def _attributions_stage(model: Any, X: np.ndarray, meta: dict[str, Any], methods: tuple[str, ...],
+                        baseline: np.ndarray, out: Path, images: dict[str, bytes]) -> dict[str, Any]:
+    """Feature attributions per method, the conductance of every hidden layer, and their figures."""
+    from mlflow_xai.attribution_plots import attribution_bar, conductance_figure, weights_vs_conductance
+    from mlflow_xai.inspect.attributions import attribute_with_error, conductance, rank_features
+    from mlflow_xai.plots import figure_to_png
+
+    task = meta["task"]
+    names = list(meta["feature_names"])
+    section: dict[str, Any] = {"baseline": "training mean (0 after standardization)", "methods": {}}
+    (out / "attributions").mkdir(exist_ok=True)
+    for method in methods:
+        attr = attribute_with_error(model, X, method, baselines=baseline, task=task)  # type: ignore[arg-type]
+        ranked = rank_features(attr.values, names)
+        err = attr.completeness_error
+        entry = {
+            "feature_names": names,
+            "mean_abs": {n: float(v) for n, v in zip(names, np.abs(attr.values).mean(axis=0))},
+            "mean": {n: float(v) for n, v in zip(names, attr.values.mean(axis=0))},
+            "ranked": [[n, float(v)] for n, v in ranked],
+            "completeness_error_max": float(np.max(err)) if err is not None else None,
+            "completeness_error_mean": float(np.mean(err)) if err is not None else None,
+        }
+        (out / "attributions" / f"{method}.json").write_text(json.dumps(entry, indent=2), encoding="utf-8")
+        images[f"attributions/{method}.png"] = figure_to_png(attribution_bar(method, ranked))
+        section["methods"][method] = {
+            "top_features": [n for n, _ in ranked[:5]],
+            "completeness_error_max": entry["completeness_error_max"],
+        }
+    section["agreement"] = _agreement(section["methods"])
+
+    # Conductance of each hidden block's units (the activation output), and the cookbook's
+    # comparison of the last hidden layer's conductance with the head's weights on it.
+    import torch
+    from torch import nn
+
+    blocks = [n for n, m in model.named_modules() if n and isinstance(m, nn.Module)
+              and not list(m.children()) and type(m).__name__ in _ACTIVATION_NAMES]
+    (out / "conductance").mkdir(exist_ok=True)
+    cond_means: dict[str, list[float]] = {}
+    for layer in blocks:
+        cond = conductance(model, X, layer, baselines=baseline, task=task)
+        per_unit = cond.mean(axis=0)
+        cond_means[layer] = [float(v) for v in per_unit]
+        images[f"conductance/{layer}.png"] = figure_to_png(conductance_figure(layer, cond))
+    if blocks:
+        head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        with torch.no_grad():
+            out_pred = model(torch.as_tensor(X, device=next(model.parameters()).device))
+        row = int(torch.mode(out_pred.argmax(dim=1)).values) if task == "classification" else 0
+        w = head.weight.detach()[row].cpu().numpy()
+        last = cond_means[blocks[-1]]
+        if len(last) == len(w):
+            images["conductance/last_layer_weights_vs_conductance.png"] = figure_to_png(
+                weights_vs_conductance(blocks[-1], w, np.asarray(last)))
+    (out / "conductance" / "conductance.json").write_text(
+        json.dumps({"layers": cond_means}, indent=2), encoding="utf-8")
+    section["conductance_layers"] = blocks
+    return section
+
+
+_ACTIVATION_NAMES = {"ReLU", "LeakyReLU", "Tanh", "Sigmoid", "ELU", "SiLU", "GELU", "SELU", "Softplus", "ReLU6"}
+
+
+def _agreement(methods: dict[str, Any]) -> str:
+    """Say whether the methods agree on the top features (the top 3, as sets)."""
+    tops = {m: tuple(v["top_features"][:3]) for m, v in methods.items()}
+    if len(tops) < 2:
+        return ""
+    sets = {frozenset(t) for t in tops.values()}
+    if len(sets) == 1:
+        return f"all methods agree on the top 3 features: {', '.join(next(iter(tops.values())))}"
+    firsts = {t[0] for t in tops.values() if t}
+    if len(firsts) == 1:
+        return (f"all methods rank {next(iter(firsts))} first, but disagree on the rest of the top 3: "
+                + "; ".join(f"{m}: {', '.join(t)}" for m, t in tops.items()))
+    return "the methods disagree on the top features: " + "; ".join(f"{m}: {', '.join(t)}" for m, t in tops.items())
+
+
+def explain_and_log(
+    *,
+    run_id: str | None = None,
+    model_uri: str | None = None,
+    experiment: str | None = None,
+    device: str = "auto",
+    batches: int = 1,
+    absolute: bool = False,
+    attributions: str | None = "all",
+    data: str | None = None,
+    quiet: bool = False,
+) -> ExplainOutcome:
+    """Pull the model of a train run (or model version), explain it and log the explanation."""
+    say = progress_printer(quiet)
+    if batches < 1:
+        raise XAIError(f"--batches {batches} is invalid; use 1 or more")
+    methods = parse_attributions(attributions)
+    source: tracking.Source | None = None
+    failure: XAIError | None = None
+    say("1/7 finding the model")
+    try:
+        source = tracking.resolve_source(run_id, model_uri, experiment)
+    except XAIError as exc:
+        failure = exc
+    # The explain run lives beside the run it explains, unless an experiment is named.
+    exp_id = source.experiment_id if source is not None and not experiment else None
+    with tracking.run_context(experiment, experiment_id=exp_id) as run:
+        tracking.set_tags({tracking.ROLE_TAG: "explain"})
+        if failure is not None:
+            raise failure
+        assert source is not None
+        tracking.set_tags({tracking.SOURCE_RUN_TAG: source.run_id, tracking.SOURCE_URI_TAG: source.model_uri})
+        with tempfile.TemporaryDirectory(prefix="mlflow-xai-") as tmp:
+            return _explain_in_run(run, source, Path(tmp), device=device, batches=batches, absolute=absolute,
+                                   methods=methods, data=data, say=say)
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise XAIError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise XAIError("--device mps was asked for, but MPS is not available; use --device cpu or auto")
+    if device not in ("cpu", "cuda", "mps"):
+        raise XAIError(f"--device {device!r} is not supported; use auto, cpu, cuda or mps")
+    return device
+
+
+def _explain_in_run(run: Any, source: tracking.Source, tmp: Path, *, device: str, batches: int, absolute: bool,
+                    methods: tuple[str, ...], data: str | None, say: Callable[[str], None]) -> ExplainOutcome:
+    import torch
+
+    from mlflow_xai.checkpoint import load_checkpoint, verify_checksum
+    from mlflow_xai.diagram import architecture_dot, render_all
+    from mlflow_xai.inspect import explain, summary_dict
+    from mlflow_xai.inspect.summary import json_safe
+    from mlflow_xai.plots import distribution_grid, figure_to_png, heatmap, mean_activation_map
+    from mlflow_xai.report import render_report
+
+    dev = _resolve_device(device)
+    say("2/7 downloading and verifying the checkpoint")
+    ckpt_path, sha, _ = tracking.download_checkpoint(source, tmp)
+    verify_checksum(ckpt_path, sha, f"run {source.run_id}")
+    loaded = load_checkpoint(ckpt_path, dev)
+    model, meta = loaded.model, loaded.meta
+    _, X, y = _explain_data(meta, data, batches * loaded.cfg.batch_size)
+    inputs = torch.as_tensor(X)
+    targets = torch.as_tensor(y, dtype=torch.long if meta["task"] == "classification" else torch.float32)
+
+    say(f"3/7 computing weights, activations and gradients on {len(X)} test rows")
+    from torch import nn
+
+    # Dropout is the identity in eval mode: its output would repeat the activation before it.
+    expl = explain(model, inputs, targets, copy=False, layers=lambda _n, m: not isinstance(m, nn.Dropout))
+    out = tmp / "xai"
+    for kind in ("weights", "activations", "gradients"):
+        (out / kind).mkdir(parents=True, exist_ok=True)
+    images: dict[str, bytes] = {}
+
+    say("4/7 drawing the figures")
+    images["weights/distributions.png"] = figure_to_png(distribution_grid("Weights", expl.weights))
+    for name, lw in expl.weights.items():
+        images[f"weights/{name}.png"] = figure_to_png(heatmap(f"{name} weight", lw.values, absolute=absolute))
+    images["activations/distributions.png"] = figure_to_png(distribution_grid("Activations", expl.activations))
+    images["activations/mean_activations.png"] = figure_to_png(mean_activation_map(expl.activations))
+    images["gradients/distributions.png"] = figure_to_png(distribution_grid("Gradients", expl.gradients))
+    for name, lg in expl.gradients.items():
+        images[f"gradients/{name}.png"] = figure_to_png(heatmap(f"{name} weight gradient", lg.values, absolute=absolute))
+
+    say("5/7 drawing the architecture")
+    warnings: list[str] = []
+    dot = architecture_dot(model, inputs[:2].to(dev))
+    (out / "architecture.dot").write_text(dot, encoding="utf-8")
+    rendered, render_warnings = render_all(dot)
+    for msg in render_warnings:
+        warnings.append(f"architecture diagram: {msg}")
+    for fmt, data_bytes in rendered.items():
+        images[f"architecture.{fmt}"] = data_bytes
+
+    summary = summary_dict(expl)
+    summary["source"] = {"run_id": source.run_id, "model_uri": source.model_uri,
+                         "registered_model": source.registered_name, "version": source.version}
+    summary["data"] = {"data": meta.get("data"), "task": meta["task"], "rows": len(X),
+                       "feature_names": meta["feature_names"]}
+    if methods:
+        say(f"6/7 attributions ({', '.join(methods)}) and conductance")
+        baseline = np.zeros(X.shape[1], dtype=np.float32)  # the training mean, after standardization
+        summary["attributions"] = _attributions_stage(model, X, meta, methods, baseline, out, images)
+    else:
+        say("6/7 attributions skipped (--attributions none)")
+
+    say("7/7 logging the artifacts")
+    for path, blob in images.items():
+        if path.endswith(".svg") or path.endswith(".png"):
+            (out / path).parent.mkdir(parents=True, exist_ok=True)
+            (out / path).write_bytes(blob)
+    summary["warnings"] = warnings
+    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False), encoding="utf-8")
+    title = f"mlflow-xai: {source.model_uri}"
+    (out / "report.html").write_text(render_report(summary, images, title=title), encoding="utf-8")
+    tracking.log_artifacts(out, "xai")
+    diag = summary["diagnostics"]
+    headline = {"nan_count": diag["nan_count"], "inf_count": diag["inf_count"]}
+    if diag.get("dead_unit_share") is not None:
+        headline["dead_unit_share"] = diag["dead_unit_share"]
+    if diag.get("max_grad_norm") is not None:
+        headline["max_grad_norm"] = diag["max_grad_norm"]
+    if summary.get("loss") is not None:
+        headline["batch_loss"] = summary["loss"]
+    ig = summary.get("attributions", {}).get("methods", {}).get("integrated_gradients")
+    if ig and ig.get("completeness_error_max") is not None:
+        headline["ig_completeness_error_max"] = ig["completeness_error_max"]
+    tracking.log_metrics(headline)
+    if source.registered_name and source.version:
+        tracking.tag_model_version(source.registered_name, source.version, {
+            tracking.EXPLAIN_RUN_TAG: run.info.run_id,
+            **{f"mlflow_xai.{k}": v for k, v in headline.items()},
+        })
+    return ExplainOutcome(run.info.run_id, source, sorted(["xai/" + p for p in images] +
+                          ["xai/summary.json", "xai/report.html", "xai/architecture.dot"]), warnings, summary)

@@ -24,6 +24,7 @@ SECTION_ORDER: tuple[str, ...] = (
     "activations",
     "gradients",
     "attributions",
+    "conductance",
 )
 _SECTION_NOTES = {
     "architecture": "The autograd graph of one forward pass: parameters in blue, "
@@ -156,10 +157,32 @@ def render_report(
         _diagnostics_html(summary.get("diagnostics"), summary.get("loss")),
         "<h2>Layers</h2>",
         _layers_html(summary.get("layers"), _dead_threshold(summary.get("diagnostics"))),
+        _attributions_html(summary.get("attributions")),
         _figures_html(images, captions or {}),
         "</body></html>",
     ]
     return "\n".join(part for part in parts if part)
+
+
+def _attributions_html(attributions: Any) -> str:
+    """Top features per attribution method, the completeness error, and whether they agree."""
+    if not isinstance(attributions, Mapping) or not attributions.get("methods"):
+        return ""
+    rows = []
+    for method, info in attributions["methods"].items():
+        top = ", ".join(_text(f) for f in info.get("top_features") or ())
+        err = _number(info.get("completeness_error_max"))
+        rows.append(f"<tr><td>{_text(method)}</td><td>{top}</td><td>{err}</td></tr>")
+    agreement = attributions.get("agreement")
+    return "\n".join([
+        "<h2>Feature attributions</h2>",
+        f"<p>Baseline: {_text(attributions.get('baseline'))}.</p>",
+        "<table><tr><th>method</th><th>top features (mean |attribution|)</th>"
+        "<th>completeness error (max)</th></tr>",
+        *rows,
+        "</table>",
+        f"<p>{_text(agreement)}</p>" if agreement else "",
+    ])
 
 
 def _source_html(source: Any, meta: Any) -> str:

@@ -109,6 +109,8 @@ def checkpoint_meta(cfg: TunedConfig, ds: Dataset, split: Split, data_spec: str)
         "val_fraction": split.val_fraction,
         "mean": [float(v) for v in split.mean],
         "std": [float(v) for v in split.std],
+        "target_mean": split.y_mean,
+        "target_std": split.y_std,
     }
 
 

@@ -46,7 +46,6 @@ def test_train_logs_params_metrics_checkpoints_model_and_alias(store: str, tiny_
         assert steps == list(range(len(steps))) and 1 <= len(steps) <= TINY_CONFIG["epochs"]
     for key in ("test_loss", "test_rmse", "test_mae", "test_r2"):
         assert key in run.data.metrics
-    assert run.data.metrics["test_rmse"] == pytest.approx(run.data.metrics["test_loss"] ** 0.5, rel=1e-5)
     arts = _artifacts(client, out.run_id)
     assert {"config.json", "checkpoints/last.ckpt", "checkpoints/best.ckpt"} <= arts
     assert any(a.startswith("tensorboard/events.out.tfevents") for a in arts)
@@ -55,6 +54,9 @@ def test_train_logs_params_metrics_checkpoints_model_and_alias(store: str, tiny_
     assert run.data.tags["mlflow_xai.checkpoint_sha256"] == sha256_file(local)
     ckpt = torch.load(local, weights_only=True)  # must need no code
     assert ckpt["mlflow_xai"]["config"]["l1"] == 1 and ckpt["mlflow_xai"]["feature_names"][2] == "bmi"
+    # test_loss is the MSE on the standardized target; rmse is in the target's units
+    y_std = ckpt["mlflow_xai"]["target_std"]
+    assert run.data.metrics["test_rmse"] == pytest.approx(run.data.metrics["test_loss"] ** 0.5 * y_std, rel=1e-4)
     cfg = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=out.run_id, artifact_path="config.json")).read_text())
     assert cfg["l1"] == 1
 
@@ -139,3 +141,20 @@ def test_mlproject_train_logs_into_the_run_mlflow_run_started(store: str, tmp_pa
     assert run.data.tags["mlflow_xai.role"] == "train"
     assert run.data.tags["mlflow.project.entryPoint"] == "train"
     assert run.data.params["epochs"] == "2"
+
+
+def test_logged_model_takes_raw_features_and_predicts_in_target_units(store: str, tiny_config: Path) -> None:
+    from mlflow_xai.data import load_dataset, split_dataset
+
+    out = train_and_log(tiny_config, monitor=False, quiet=True)
+    ds = load_dataset("diabetes")
+    split = split_dataset(ds)
+    models = mlflow.search_logged_models(output_format="list")
+    model = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    raw_x = torch.as_tensor(split.X_test * split.std + split.mean)
+    pred = model(raw_x).squeeze(-1).detach().numpy()
+    raw_y = split.y_test * split.y_std + split.y_mean
+    rmse = float(((pred - raw_y) ** 2).mean() ** 0.5)
+    run = MlflowClient().get_run(out.run_id)
+    assert rmse == pytest.approx(run.data.metrics["test_rmse"], rel=1e-4)
+    assert 20 < rmse < 200  # diabetes target units (std ~77), not standardized ones
