@@ -84,14 +84,14 @@ def main() -> None:
               help="Log per-layer weight/gradient/activation statistics while training.")
 @click.option("--monitor-every", default=50, show_default=True, type=int,
               help="Monitor statistics every N training steps.")
-@click.option("--histograms-every", default=1, show_default=True, type=int,
-              help="Distribution figures every K epochs.")
+@click.option("--histograms-every", default=None, type=int,
+              help="Distribution figures every K epochs (default: about ten over the fit; 0: none).")
 @click.option("--workdir", default=None, help="Local folder for checkpoints and logs (default ./mlflow-xai-runs).")
 @click.option("--quiet", is_flag=True, help="No progress bar, only the result lines.")
 @_user_errors
 def train(config: str | None, data: str | None, target: str | None, task: str, experiment: str | None,
           register_as: str | None, alias: str | None, test_size: float, seed: int, accelerator: str,
-          devices: str, strategy: str, monitor: bool, monitor_every: int, histograms_every: int,
+          devices: str, strategy: str, monitor: bool, monitor_every: int, histograms_every: int | None,
           workdir: str | None, quiet: bool) -> None:
     """Train the tuned config on the test data and log it all to MLflow."""
     from mlflow_xai.pipeline import train_and_log

@@ -309,8 +309,21 @@ class XAIMonitor(Callback):
             return
         self._active = True
         self._logs = trainer.is_global_zero
+        found: tuple[MlflowClient, str] | None = None
+        error: str | None = None
         if self._logs:
-            client, self.run_id = self._resolve_run(trainer)
+            try:
+                found = self._resolve_run(trainer)
+            except XAIError as e:
+                error = str(e)
+        if trainer.world_size > 1:
+            # Every rank fails with rank 0's message; otherwise the others would wait
+            # at the first collective until the DDP timeout.
+            error = trainer.strategy.broadcast(error, src=0)
+        if error is not None:
+            raise XAIError(error)
+        if found is not None:
+            client, self.run_id = found
             self._writer = _Writer(client, self.run_id)
             self._last_flush = time.monotonic()
         if self.monitor_batch is not None:
@@ -451,8 +464,9 @@ class XAIMonitor(Callback):
         vec = self._reduce(trainer, acts.vector, "sum") if acts is not None and acts.vector is not None else None
         if not self._logs:
             return
-        parts = [t.to(torch.float64) for t in (w_norm, vec) if t is not None]
-        values = torch.cat(parts).tolist() if parts else []  # one transfer
+        parts = [t for t in (w_norm, vec) if t is not None]
+        acc = _acc_dtype(parts[0].device) if parts else torch.float64
+        values = torch.cat([t.to(acc) for t in parts]).tolist() if parts else []  # one transfer
         n = 0 if w_norm is None else len(self._weight_layers)
         self._log_epoch_end(step, values[:n], values[n:], acts)
         if histograms:

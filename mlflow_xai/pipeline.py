@@ -102,7 +102,7 @@ def train_and_log(
     workdir: str | Path | None = None,
     monitor: bool = True,
     monitor_every_n_steps: int = 50,
-    monitor_histograms_every_n_epochs: int = 1,
+    monitor_histograms_every_n_epochs: int | None = None,
     quiet: bool = False,
 ) -> TrainOutcome:
     """Train the tuned config on the test part of the data and log everything to MLflow."""

@@ -1,0 +1,164 @@
+"""What XAIMonitor costs a training: the same fit with the monitor off and on.
+
+The network is the spotpython cookbook's diabetes default shape (10 inputs, l1=16:
+hidden sizes [320, 160, 320, 160, 160, 80, 80], ReLU after each, a Linear head),
+trained with Adam on 442 random-ish rows in batches of 32 (14 steps per epoch) for 30
+epochs, in a plain ``lightning.Trainer`` (no logger, no checkpointing, no progress
+bar). The variants run alternately in one process, each ``--repeats`` times, and the
+table shows the median wall time of ``trainer.fit`` and its ratio to "off":
+
+* ``off``: no callback;
+* ``scalars only``: the monitor with ``histogram_every_n_epochs=0``: norms, update ratios
+  every 50 steps and at each epoch's last step, activation statistics at each epoch end,
+  alerts;
+* ``defaults``: ``XAIMonitor()``: the scalars plus three histogram images at about ten
+  snapshots per fit (here epochs 0, 3, ..., 27 and 29);
+* ``hist/epoch``: histogram images after every epoch (``histogram_every_n_epochs=1``).
+
+The monitor logs to a fresh run in a sqlite store in a temporary folder; creating the
+run is not timed, writing to it is (``fit`` returns once everything is written).
+
+Target: <= 1.05 x ``off``. The scalar statistics meet it within this machine's noise;
+every histogram snapshot adds about 0.3 s of drawing and storing three images, a fixed
+cost per snapshot that a 0.1-second epoch cannot hide (hence ~10 snapshots by default).
+
+Run: ``.venv/bin/python benchmarks/bench_monitor.py [--repeats 3] [--epochs 30] [--profile]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import logging
+import math
+import platform
+import pstats
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import mlflow
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mlflow_xai.monitor import XAIMonitor
+
+N_FEATURES, L1, ROWS, BATCH = 10, 16, 442, 32
+
+
+class CookbookMLP(L.LightningModule):
+    """The cookbook's regression MLP for ``n`` inputs and width ``l1``."""
+
+    def __init__(self, l1: int = L1, n: int = N_FEATURES, lr: float = 1e-3) -> None:
+        super().__init__()
+        half = math.ceil(l1 / 2) * n
+        sizes = [n, 2 * l1 * n, l1 * n, 2 * l1 * n, l1 * n, l1 * n, half, half]
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        layers.append(nn.Linear(sizes[-1], 1))
+        self.layers = nn.Sequential(*layers)
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def data() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(ROWS, N_FEATURES, generator=g)
+    y = x @ torch.randn(N_FEATURES, 1, generator=g) + 0.3 * torch.randn(ROWS, 1, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True, generator=g)
+
+
+def fit_seconds(epochs: int, monitor: Callable[[], XAIMonitor] | None) -> tuple[float, float]:
+    """Wall and CPU time (this process, all threads) of one ``trainer.fit``; with a
+    monitor, inside a fresh MLflow run."""
+    torch.manual_seed(0)
+    model, loader = CookbookMLP(), data()
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[monitor()] if monitor is not None else [],
+    )
+    with mlflow.start_run() if monitor is not None else contextlib.nullcontext():
+        wall, cpu = time.perf_counter(), time.process_time()
+        trainer.fit(model, loader)
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 keeps a shared machine's load from swamping the timings")
+    parser.add_argument("--profile", action="store_true", help="profile one 'defaults' fit")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
+        mlflow.set_tracking_uri(uri)
+        exp_id = mlflow.MlflowClient(uri).create_experiment("bench", artifact_location=f"{tmp}/artifacts")
+        mlflow.set_experiment(experiment_id=exp_id)
+
+        variants: dict[str, Callable[[], XAIMonitor] | None] = {
+            "off": None,
+            "scalars only": lambda: XAIMonitor(histogram_every_n_epochs=0),
+            "defaults": lambda: XAIMonitor(),
+            "hist/epoch": lambda: XAIMonitor(histogram_every_n_epochs=1),
+        }
+        if args.profile:
+            prof = cProfile.Profile()
+            with mlflow.start_run():
+                prof.runcall(fit_seconds, args.epochs, variants["defaults"])
+            pstats.Stats(prof).sort_stats("cumulative").print_stats("mlflow_xai|log_batch|log_image|savefig|draw", 25)
+            return
+
+        for fn in variants.values():  # warm-up: imports, sqlite schema, allocator
+            fit_seconds(2, fn)
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+        for _ in range(args.repeats):
+            for name, fn in variants.items():
+                times[name].append(fit_seconds(args.epochs, fn))
+
+    steps = args.epochs * math.ceil(ROWS / BATCH)
+    print(f"XAIMonitor overhead: cookbook MLP l1={L1}, {ROWS} rows, batch {BATCH}, "
+          f"{args.epochs} epochs ({steps} steps), median of {args.repeats} alternating runs")
+    print("wall: trainer.fit's elapsed time (median); cpu: CPU time of this process, all its "
+          "threads (median); best: the fastest run")
+    print(f"torch {torch.__version__}, lightning {L.__version__}, mlflow {mlflow.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    # The median is the headline; the best run (least disturbed by other load on the
+    # machine) is the steadier estimate of the cost itself.
+    off_wall = statistics.median(w for w, _ in times["off"])
+    off_cpu = statistics.median(c for _, c in times["off"])
+    off_best = min(w for w, _ in times["off"])
+    print(f"{'variant':<13} {'wall s':>7} {'ratio':>6} {'cpu s':>7} {'ratio':>6} {'best s':>7} {'ratio':>6}"
+          "   wall of each run")
+    for name, ts in times.items():
+        wall = statistics.median(w for w, _ in ts)
+        cpu = statistics.median(c for _, c in ts)
+        best = min(w for w, _ in ts)
+        print(f"{name:<13} {wall:>7.3f} {wall / off_wall:>6.3f} {cpu:>7.3f} {cpu / off_cpu:>6.3f} "
+              f"{best:>7.3f} {best / off_best:>6.3f}   " + " ".join(f"{w:.2f}" for w, _ in ts))
+
+
+if __name__ == "__main__":
+    main()

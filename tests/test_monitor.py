@@ -1,0 +1,494 @@
+"""Tests of mlflow_xai.monitor: the XAIMonitor callback in a plain user Trainer.
+
+Real MLflow sqlite store in a temporary folder (one per module: creating the schema
+costs about a second), tiny networks, a few epochs of a few batches.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import mlflow
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
+from mlflow import MlflowClient
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mlflow_xai.errors import XAIError
+from mlflow_xai.monitor import (
+    DEAD_SHARE_ALERT,
+    XAIMonitor,
+    XAIMonitorWarning,
+    _chunks_by_step,
+    _hist_rows,
+)
+
+WEIGHT_LAYERS = ["net.0", "net.2", "net.4"]
+RELU_LAYERS = ["net.1", "net.3"]
+ROWS, BATCH = 64, 16  # 4 batches per epoch
+
+
+class TinyNet(L.LightningModule):
+    """A user's own LightningModule: 4 -> 8 -> 8 -> 1 with ReLUs."""
+
+    def __init__(self, lr: float = 1e-2, optimizer: str = "adam", bias: float | None = None,
+                 nan_at_step: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+        if bias is not None:  # every hidden unit negative for every input: dead ReLUs
+            for layer in (self.net[0], self.net[2]):
+                nn.init.constant_(layer.bias, bias)
+                nn.init.uniform_(layer.weight, -0.01, 0.01)
+        self.lr, self.optimizer, self.nan_at_step = lr, optimizer, nan_at_step
+        self.modes_seen: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.modes_seen.append(all(m.training for m in self.net.modules()))
+        if self.global_step == self.nan_at_step:
+            with torch.no_grad():
+                self.net[2].weight[0, 0] = float("nan")
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def loader(seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(ROWS, 4, generator=g)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [0.0]]) + 0.1 * torch.randn(ROWS, 1, generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=BATCH)
+
+
+def trainer(monitor: XAIMonitor, epochs: int = 3, logger: object = False, **kw: object) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=logger, callbacks=[monitor],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
+    """(tracking URI, experiment id, artifact root) of one sqlite store for the module."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    # An explicit artifact location: the default would be ./mlruns in the working dir.
+    exp_id = MlflowClient(uri).create_experiment("monitor", artifact_location=str(root / "artifacts"))
+    return uri, exp_id, str(root / "artifacts")
+
+
+@pytest.fixture()
+def uri(store: tuple[str, str, str]) -> str:
+    return store[0]
+
+
+@pytest.fixture()
+def exp_id(store: tuple[str, str, str]) -> str:
+    return store[1]
+
+
+@pytest.fixture()
+def client(store: tuple[str, str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MlflowClient]:
+    uri, exp_id, _ = store
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # whatever Lightning writes by default lands here
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=exp_id)
+    yield MlflowClient(uri)
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+def fit_in_run(model: TinyNet, monitor: XAIMonitor, **kw: object) -> str:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="lightning")
+        with mlflow.start_run() as run:
+            trainer(monitor, **kw).fit(model, loader())
+    return run.info.run_id
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def alert_tags(client: MlflowClient, run_id: str) -> dict[str, str]:
+    tags = client.get_run(run_id).data.tags
+    return {k: v for k, v in tags.items() if k.startswith("mlflow_xai.alert.")}
+
+
+# ----------------------------------------------------------------- metrics
+
+
+def test_metrics_per_layer_at_several_steps(client: MlflowClient) -> None:
+    model = TinyNet()
+    initial = {n: model.get_submodule(n).weight.detach().norm().item() for n in WEIGHT_LAYERS}
+    run_id = fit_in_run(model, XAIMonitor(log_every_n_steps=5, histogram_every_n_epochs=0))
+
+    # Steps 0, 5, 10 (every 5) and 3, 7, 11 (each epoch's last batch) are measured.
+    measured = [0, 3, 5, 7, 10, 11]
+    for name in WEIGHT_LAYERS:
+        assert sorted(steps(client, run_id, f"grad_norm/{name}")) == measured
+        assert sorted(steps(client, run_id, f"update_ratio/{name}")) == measured
+        assert sorted(steps(client, run_id, f"weight_norm/{name}")) == measured  # once per step
+        first = client.get_metric_history(run_id, f"weight_norm/{name}")
+        at0 = next(m.value for m in first if m.step == 0)
+        assert at0 == pytest.approx(initial[name], rel=1e-6)  # the weight before the first step
+        ratios = [m.value for m in client.get_metric_history(run_id, f"update_ratio/{name}")]
+        assert all(0 < r < 1 for r in ratios)
+    # Activations: the outputs of the activation modules (not the pre-activations).
+    for name in RELU_LAYERS:
+        assert sorted(steps(client, run_id, f"act_mean/{name}")) == [4, 8, 12]
+        assert sorted(steps(client, run_id, f"act_std/{name}")) == [4, 8, 12]
+        shares = [m.value for m in client.get_metric_history(run_id, f"dead_share/{name}")]
+        assert len(shares) == 3 and all(0 <= s <= 1 for s in shares)
+    metric_keys = set(client.get_run(run_id).data.metrics)
+    assert not {f"act_mean/{n}" for n in WEIGHT_LAYERS} & metric_keys
+    assert not any(k.startswith("alert/") for k in metric_keys)
+
+
+def test_activation_statistics_match_a_direct_forward(client: MlflowClient) -> None:
+    model = TinyNet()
+    batch = torch.randn(32, 4, generator=torch.Generator().manual_seed(3))
+    run_id = fit_in_run(model, XAIMonitor(monitor_batch=batch, histogram_every_n_epochs=0), epochs=1)
+    with torch.no_grad():
+        h = model.net[1](model.net[0](batch))
+    hist = client.get_metric_history(run_id, "act_mean/net.1")
+    assert [m.step for m in hist] == [4]
+    assert hist[0].value == pytest.approx(h.mean().item(), rel=1e-5)
+    std = client.get_metric_history(run_id, "act_std/net.1")[0].value
+    assert std == pytest.approx(h.std(unbiased=False).item(), rel=1e-5)
+    dead = client.get_metric_history(run_id, "dead_share/net.1")[0].value
+    assert dead == pytest.approx((h.amax(dim=0) <= 0).float().mean().item())
+
+
+def test_functional_activations_fall_back_to_the_layer_outputs(client: MlflowClient) -> None:
+    class Functional(TinyNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net[1] = self.net[3] = nn.Identity()  # the activations are functional
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.net[0](x))
+            return self.net[4](torch.relu(self.net[2](h)))
+
+    run_id = fit_in_run(Functional(), XAIMonitor(histogram_every_n_epochs=0), epochs=1)
+    keys = set(client.get_run(run_id).data.metrics)
+    assert {f"act_mean/{n}" for n in WEIGHT_LAYERS} <= keys
+
+
+def test_inplace_relu_does_not_change_the_recorded_pre_activation(client: MlflowClient) -> None:
+    model = TinyNet()
+    model.net[1] = nn.ReLU(inplace=True)
+    batch = torch.randn(32, 4, generator=torch.Generator().manual_seed(3))
+    monitor = XAIMonitor(monitor_batch=batch, layers=["net.0", "net.1"], histogram_every_n_epochs=0)
+    run_id = fit_in_run(model, monitor, epochs=1)
+    with torch.no_grad():
+        pre = model.net[0](batch)
+    logged = client.get_metric_history(run_id, "act_mean/net.0")[0].value
+    assert logged == pytest.approx(pre.mean().item(), rel=1e-5)  # negative values included
+    assert logged < client.get_metric_history(run_id, "act_mean/net.1")[0].value
+
+
+def test_one_log_batch_call_per_flush_and_no_per_metric_calls(
+    client: MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[list[int]] = []
+    real = MlflowClient.log_batch
+
+    def spy(self: MlflowClient, run_id: str, metrics=(), *a: object, **kw: object) -> None:  # type: ignore[no-untyped-def]
+        calls.append([m.step for m in metrics])
+        return real(self, run_id, metrics, *a, **kw)
+
+    def refuse(*a: object, **kw: object) -> None:
+        raise AssertionError("per-metric call")
+
+    monkeypatch.setattr(MlflowClient, "log_batch", spy)
+    monkeypatch.setattr(MlflowClient, "log_metric", refuse)
+    fit_in_run(TinyNet(), XAIMonitor(log_every_n_steps=1, histogram_every_n_epochs=0))
+    assert 1 <= len(calls) <= 3  # buffered: a 1-second training is flushed at its end
+    seen: set[int] = set()
+    for call in calls:  # a step's metrics never straddle two calls
+        assert not seen & set(call)
+        seen |= set(call)
+
+
+# ------------------------------------------------------------------- images
+
+
+def test_histogram_images_step_through_epochs(client: MlflowClient) -> None:
+    run_id = fit_in_run(TinyNet(), XAIMonitor(histogram_every_n_epochs=1))
+    files = [Path(f.path).name for f in client.list_artifacts(run_id, "images")]
+    for key in ("xai_weights", "xai_gradients", "xai_activations"):
+        # MLflow 3 stores log_image(key=..., step=...) as
+        # images/<key>+step+<step>+timestamp+<ms>+<uuid>.png plus a "+compressed.webp".
+        pngs = [f for f in files if f.startswith(f"{key}+step+") and f.endswith(".png")]
+        assert sorted(int(f.split("+")[2]) for f in pngs) == [0, 1, 2]
+        assert any(f.startswith(f"{key}+step+1+") and f.endswith("+compressed.webp") for f in files)
+    assert client.get_run(run_id).data.tags.get("mlflow.loggedImages") == "True"
+    from PIL import Image
+
+    local = client.download_artifacts(run_id, f"images/{next(f for f in files if f.endswith('.png'))}")
+    with Image.open(local) as im:
+        assert im.mode == "RGB" and im.width > 100 and im.height > 50
+
+
+def test_histogram_every_n_epochs_picks_epochs_and_the_last(client: MlflowClient) -> None:
+    run_id = fit_in_run(TinyNet(), XAIMonitor(histogram_every_n_epochs=2), epochs=4)
+    files = [Path(f.path).name for f in client.list_artifacts(run_id, "images")]
+    weights = sorted(int(f.split("+")[2]) for f in files if f.startswith("xai_weights+") and f.endswith(".png"))
+    assert weights == [0, 2, 3]
+
+
+def test_tensorboard_gets_the_same_histograms(client: MlflowClient, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, EventAccumulator
+
+    tb = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version=0)
+    fit_in_run(TinyNet(), XAIMonitor(histogram_every_n_epochs=1), logger=tb)
+    acc = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={HISTOGRAMS: 0})
+    acc.Reload()
+    tags = set(acc.Tags()[HISTOGRAMS])
+    expected = {f"weights/{n}" for n in WEIGHT_LAYERS} | {f"gradients/{n}" for n in WEIGHT_LAYERS}
+    expected |= {f"activations/{n}" for n in RELU_LAYERS}
+    assert expected <= tags
+    events = acc.Histograms("weights/net.0")
+    assert [e.step for e in events] == [4, 8, 12]
+    assert events[0].histogram_value.num == 8 * 4  # every weight of Linear(4, 8) binned
+
+
+def test_hist_rows_bins_finite_values_on_the_device() -> None:
+    t = torch.tensor([0.0, 1.0, 2.0, 3.0, float("nan"), float("inf")])
+    row = _hist_rows([t], bins=3)[0]
+    np.testing.assert_array_equal(row[:3], [1, 1, 2])  # [0,1) [1,2) [2,3]
+    lo, hi, n, total, squares, numel = row[3:]
+    assert (lo, hi, n, total, squares, numel) == (0, 3, 4, 6, 14, 6)
+
+
+# ------------------------------------------------------------------- alerts
+
+
+def test_exploding_learning_rate_raises_the_exploding_alert(client: MlflowClient) -> None:
+    with pytest.warns(XAIMonitorWarning, match="exploding_gradients"):
+        run_id = fit_in_run(TinyNet(lr=1e3, optimizer="sgd"), XAIMonitor(log_every_n_steps=1))
+    tags = alert_tags(client, run_id)
+    assert tags["mlflow_xai.alert.exploding_gradients"] == "true"
+    assert tags["mlflow_xai.alert.exploding_gradients.first_layer"] in WEIGHT_LAYERS
+    assert steps(client, run_id, "alert/exploding_gradients")
+    found = mlflow.search_runs(
+        filter_string="tags.`mlflow_xai.alert.exploding_gradients` = 'true'", output_format="list"
+    )
+    assert run_id in {r.info.run_id for r in found}
+
+
+def test_negative_biases_behind_relu_raise_the_dead_unit_alert(client: MlflowClient) -> None:
+    with pytest.warns(XAIMonitorWarning, match="dead_units"):
+        run_id = fit_in_run(TinyNet(bias=-10.0), XAIMonitor())
+    tags = alert_tags(client, run_id)
+    assert tags["mlflow_xai.alert.dead_units"] == "true"
+    assert tags["mlflow_xai.alert.dead_units.first_layer"] == "net.1"
+    shares = client.get_metric_history(run_id, "dead_share/net.1")
+    assert shares and all(m.value >= DEAD_SHARE_ALERT for m in shares)
+    # Nothing flows back through dead ReLUs: the first layer's gradient is exactly 0.
+    assert tags["mlflow_xai.alert.vanishing_gradients.first_layer"] == "net.0"
+
+
+def test_nan_alert_names_the_layer_that_went_non_finite_first(client: MlflowClient) -> None:
+    with pytest.warns(XAIMonitorWarning, match="nan"):
+        run_id = fit_in_run(TinyNet(nan_at_step=5), XAIMonitor(log_every_n_steps=1), epochs=2)
+    tags = alert_tags(client, run_id)
+    assert tags["mlflow_xai.alert.nan"] == "true"
+    # net.2's weight went NaN at step 5; net.0's gradient is NaN there too (backprop through
+    # net.2), but a non-finite weight ranks before a gradient derived from it.
+    assert tags["mlflow_xai.alert.nan.first_layer"] == "net.2"
+    assert tags["mlflow_xai.alert.nan.first_step"] == "5"
+    assert steps(client, run_id, "alert/nan")[0] == 5
+
+
+def test_healthy_network_raises_no_alert(client: MlflowClient) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_id = fit_in_run(TinyNet(), XAIMonitor(log_every_n_steps=1), epochs=4)
+    assert not [w for w in caught if issubclass(w.category, XAIMonitorWarning)]
+    assert alert_tags(client, run_id) == {}
+    assert not [k for k in client.get_run(run_id).data.metrics if k.startswith("alert/")]
+
+
+def test_quiet_logs_alerts_without_printing(client: MlflowClient) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_id = fit_in_run(TinyNet(bias=-10.0), XAIMonitor(quiet=True), epochs=1)
+    assert not [w for w in caught if issubclass(w.category, XAIMonitorWarning)]
+    assert alert_tags(client, run_id)["mlflow_xai.alert.dead_units"] == "true"
+
+
+# ------------------------------------------------------- the user's Trainer
+
+
+def test_training_modes_restored_and_no_hook_left(client: MlflowClient) -> None:
+    model = TinyNet()
+    fit_in_run(model, XAIMonitor(log_every_n_steps=1), epochs=3)
+    assert model.modes_seen and all(model.modes_seen)  # eval only during the monitor's pass
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+def test_a_module_frozen_in_eval_mode_stays_in_eval_mode(client: MlflowClient) -> None:
+    model = TinyNet()
+
+    class Freeze(L.Callback):
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            pl_module.net[0].eval()
+
+    monitor = XAIMonitor(histogram_every_n_epochs=0)
+    with mlflow.start_run():
+        L.Trainer(max_epochs=2, logger=False, callbacks=[Freeze(), monitor], enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False).fit(model, loader())
+    assert model.net[0].training is False and model.net[2].training is True
+
+
+def test_explicit_run_id_without_an_active_run(client: MlflowClient, uri: str, exp_id: str) -> None:
+    run_id = client.create_run(exp_id).info.run_id
+    assert mlflow.active_run() is None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="lightning")
+        trainer(XAIMonitor(run_id=run_id, tracking_uri=uri, histogram_every_n_epochs=0)).fit(TinyNet(), loader())
+    assert steps(client, run_id, "grad_norm/net.0")
+
+
+def test_logs_into_the_mlflowlogger_run(client: MlflowClient, uri: str, tmp_path: Path) -> None:
+    logger = MLFlowLogger(experiment_name="monitor-logger", tracking_uri=uri,
+                          artifact_location=str(tmp_path / "artifacts"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="lightning")
+        trainer(XAIMonitor(histogram_every_n_epochs=0), logger=logger).fit(TinyNet(), loader())
+    assert steps(client, logger.run_id, "weight_norm/net.0")
+
+
+def test_no_run_is_a_clear_error(client: MlflowClient) -> None:
+    assert mlflow.active_run() is None
+    with pytest.raises(XAIError, match="no MLflow run to log to"):
+        trainer(XAIMonitor()).fit(TinyNet(), loader())
+
+
+def test_unknown_run_and_bad_arguments_are_clear_errors(client: MlflowClient, uri: str) -> None:
+    with pytest.raises(XAIError, match="cannot use run_id 'nope'"):
+        trainer(XAIMonitor(run_id="nope", tracking_uri=uri)).fit(TinyNet(), loader())
+    with pytest.raises(XAIError, match="unknown layer 'net.9'"):
+        with mlflow.start_run():
+            trainer(XAIMonitor(layers=["net.9"])).fit(TinyNet(), loader())
+    with pytest.raises(XAIError, match="log_every_n_steps"):
+        XAIMonitor(log_every_n_steps=0)
+
+
+def test_layer_selection_by_name(client: MlflowClient) -> None:
+    run_id = fit_in_run(TinyNet(), XAIMonitor(layers=["net.2", "net.3"], histogram_every_n_epochs=0), epochs=1)
+    keys = set(client.get_run(run_id).data.metrics)
+    assert {k.split("/", 1)[1] for k in keys} == {"net.2", "net.3"}
+
+
+def test_chunks_never_split_a_step() -> None:
+    from mlflow.entities import Metric
+
+    metrics = [Metric(f"m{i}", 0.0, 0, step) for step in range(5) for i in range(4)]
+    chunks = _chunks_by_step(metrics, limit=10)
+    assert [len(c) for c in chunks] == [8, 8, 4]
+    assert [m for c in chunks for m in c] == metrics
+    big = [Metric(f"m{i}", 0.0, 0, 0) for i in range(25)]
+    assert [len(c) for c in _chunks_by_step(big, limit=10)] == [10, 10, 5]
+
+
+# ---------------------------------------------------------------------- DDP
+
+
+@pytest.mark.slow  # ~40 s on 2 CPU cores: each spawned rank imports torch, Lightning, MLflow
+def test_ddp_two_cpu_processes_log_once(client: MlflowClient, uri: str, exp_id: str) -> None:
+    run_id = client.create_run(exp_id).info.run_id
+    monitor = XAIMonitor(run_id=run_id, tracking_uri=uri, log_every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        L.Trainer(
+            max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+            callbacks=[monitor], enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(TinyNet(), loader())
+    # 64 rows over 2 ranks of 16-row batches: 2 steps per epoch, all measured.
+    for name in WEIGHT_LAYERS:
+        assert steps(client, run_id, f"grad_norm/{name}") == [0, 1, 2, 3]  # once per step, not twice
+    assert steps(client, run_id, "act_mean/net.1") == [2, 4]
+    files = [Path(f.path).name for f in client.list_artifacts(run_id, "images")]
+    assert len([f for f in files if f.startswith("xai_weights+") and f.endswith(".png")]) == 2
+    assert all(math.isfinite(m.value) for m in client.get_metric_history(run_id, "dead_share/net.1"))
+
+
+# ------------------------------------------------------------- edge cases
+
+
+def test_a_last_snapshot_when_training_stops_early(client: MlflowClient) -> None:
+    class StopAfterEpoch1(L.Callback):
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if trainer.current_epoch == 1:
+                trainer.should_stop = True
+
+    monitor = XAIMonitor(histogram_every_n_epochs=4)
+    with mlflow.start_run() as run:
+        L.Trainer(max_epochs=10, logger=False, callbacks=[monitor, StopAfterEpoch1()],
+                  enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False).fit(TinyNet(), loader())
+    files = [Path(f.path).name for f in client.list_artifacts(run.info.run_id, "images")]
+    for key in ("xai_weights", "xai_gradients", "xai_activations"):
+        epochs = sorted(int(f.split("+")[2]) for f in files if f.startswith(f"{key}+") and f.endswith(".png"))
+        assert epochs == [0, 1], key
+
+
+def test_default_histograms_of_a_short_fit_come_every_epoch(client: MlflowClient) -> None:
+    run_id = fit_in_run(TinyNet(), XAIMonitor(log_every_n_steps=100), epochs=3)
+    files = [Path(f.path).name for f in client.list_artifacts(run_id, "images")]
+    assert sorted(int(f.split("+")[2]) for f in files if f.startswith("xai_weights+") and f.endswith(".png")) == [0, 1, 2]
+
+
+def test_iterable_loader_of_unknown_length(client: MlflowClient) -> None:
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            yield from loader().dataset
+
+    stream = DataLoader(Stream(), batch_size=BATCH)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="lightning")
+        with mlflow.start_run() as run:
+            trainer(XAIMonitor(log_every_n_steps=3, histogram_every_n_epochs=0), epochs=2).fit(TinyNet(), stream)
+    # No known last batch: steps 0, 3, 6 measured; the epoch ends (4, 8) add weight norms.
+    assert steps(client, run.info.run_id, "grad_norm/net.0") == [0, 3, 6]
+    assert steps(client, run.info.run_id, "weight_norm/net.0") == [0, 3, 4, 6, 8]
+
+
+def test_a_failing_store_warns_once_and_training_goes_on(client: MlflowClient, uri: str, exp_id: str) -> None:
+    run_id = client.create_run(exp_id).info.run_id
+
+    class DeleteRun(L.Callback):
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if trainer.current_epoch == 1:
+                monitor.flush()
+                client.delete_run(run_id)  # MLflow refuses to log to a deleted run
+
+    monitor = XAIMonitor(run_id=run_id, tracking_uri=uri, log_every_n_steps=1, histogram_every_n_epochs=1)
+    model = TinyNet()
+    with pytest.warns(XAIMonitorWarning, match="stopped logging to MLflow run") as caught:
+        L.Trainer(max_epochs=3, logger=False, callbacks=[DeleteRun(), monitor], enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False).fit(model, loader())
+    assert len([w for w in caught if "stopped logging" in str(w.message)]) == 1
+    assert len(model.modes_seen) == 3 * ROWS // BATCH  # every batch trained
