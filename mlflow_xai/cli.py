@@ -8,6 +8,7 @@ exits 2, without a traceback.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 from typing import Any, Callable, TypeVar
@@ -39,10 +40,13 @@ def _user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _quiet_downloads(quiet: bool) -> None:
-    # MLflow's artifact download bar is noise when quiet or when stderr is not a terminal.
+def _quiet_mlflow(quiet: bool) -> None:
+    # MLflow's artifact download bar is noise when quiet or when stderr is not a terminal,
+    # and its INFO lines (creating tables, experiments) are noise under --quiet.
     if quiet or not sys.stderr.isatty():
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if quiet:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def _ui_hint() -> str:
@@ -96,6 +100,7 @@ def train(config: str | None, data: str | None, target: str | None, task: str, e
     """Train the tuned config on the test data and log it all to MLflow."""
     from mlflow_xai.pipeline import train_and_log
 
+    _quiet_mlflow(quiet)
     out = train_and_log(
         config, data=data, target=target, task=task, experiment=experiment,
         register_as=register_as, alias=alias, test_size=test_size, seed=seed,
@@ -137,7 +142,7 @@ def explain(run_id: str | None, model_uri: str | None, experiment: str | None, d
     """Explain a trained model and log the explanation as MLflow artifacts."""
     from mlflow_xai.pipeline import explain_and_log
 
-    _quiet_downloads(quiet)
+    _quiet_mlflow(quiet)
     out = explain_and_log(run_id=run_id, model_uri=model_uri, experiment=experiment, device=device,
                           batches=batches, absolute=absolute, attributions=attributions, data=data,
                           quiet=quiet)

@@ -66,19 +66,6 @@ def test_train_logs_params_metrics_checkpoints_model_and_alias(store: str, tiny_
     assert model(torch.zeros(3, 10)).shape == (3, 1)  # pt2 export keeps the batch dimension dynamic
 
 
-def _cli(args: list[str], uri: str, cwd: Path, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mlflow_xai", *args], cwd=cwd, env=env_for(uri, cwd / "work"),
-                          capture_output=True, text=True, timeout=300, **kw)  # type: ignore[call-overload]
-
-
-def _single_error_line(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("mlflow-xai: error:")]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
-
-
 def _only_run(uri: str) -> mlflow.entities.Run:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("mlflow-xai")
@@ -97,11 +84,19 @@ def _only_run(uri: str) -> mlflow.entities.Run:
     ],
 )
 def test_bad_input_one_line_and_failed_run(store: str, tmp_path: Path, config: dict, extra: list[str], needle: str) -> None:
+    from click.testing import CliRunner
+
+    from mlflow_xai.cli import main
+
     (tmp_path / "cfg.json").write_text(json.dumps(config))
     (tmp_path / "d.csv").write_text("a,b\n" + "".join(f"{i},{i * 2}\n" for i in range(20)))
     extra = [str(tmp_path / "d.csv") if e == "DATA" else e for e in extra]
-    proc = _cli(["train", "--quiet", "--no-monitor", "--config", "cfg.json", *extra], store, tmp_path)
-    assert needle in _single_error_line(proc)
+    # In-process through click (the subprocess path is covered by the explain CLI test).
+    result = CliRunner().invoke(main, ["train", "--quiet", "--no-monitor", "--config", "cfg.json", *extra])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlflow-xai: error:") and needle in lines[0], result.stderr
     run = _only_run(store)
     assert run.info.status == "FAILED"
     assert needle in run.data.tags["mlflow_xai.error"]
