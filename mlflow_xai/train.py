@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +72,8 @@ def build_trainer(
         strategy=strategy,
         callbacks=[early, checkpoint, *callbacks],
         logger=logger,
-        enable_progress_bar=not quiet,
+        # Lightning's bar when interactive; none under --quiet or when stderr is a file or pipe.
+        enable_progress_bar=not quiet and sys.stderr.isatty(),
         enable_model_summary=not quiet,
         num_sanity_val_steps=0,
         log_every_n_steps=1,
