@@ -215,3 +215,28 @@ def test_cli_explain_prints_run_and_report_and_one_line_errors(trained: dict[str
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == ["mlflow-xai: error: registered model 'diab' has no version 42; "
                                                "see its versions and aliases in the MLflow UI"]
+
+
+def test_csv_classifier_train_and_explain_carry_the_column_names(trained: dict[str, Any]) -> None:
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    n = 120
+    df = pd.DataFrame({"petal": rng.normal(size=n), "sepal": rng.normal(size=n), "stem": rng.normal(size=n)})
+    df["kind"] = np.where(df["petal"] + 0.5 * df["sepal"] > 0, "wide", "narrow")
+    path = trained["root"] / "flowers.csv"
+    df.to_csv(path, index=False)
+    cfg = trained["root"] / "cls.json"
+    cfg.write_text(json.dumps({"l1": 2, "epochs": 2, "batch_size": 16}))
+    tr = train_and_log(cfg, data=str(path), target="kind", experiment="flowers", monitor=False, quiet=True)
+    train_run = MlflowClient().get_run(tr.run_id)
+    assert train_run.data.params["task"] == "classification"
+    assert {"test_accuracy", "test_f1"} <= set(train_run.data.metrics)
+    out = explain_and_log(run_id=tr.run_id, attributions="deep_lift,feature_ablation", quiet=True)
+    dl = json.loads(_download(out.run_id, "xai/attributions/deep_lift.json").read_text())
+    assert dl["feature_names"] == ["petal", "sepal", "stem"]
+    # the label depends on petal and sepal only, so stem should not lead
+    assert dl["ranked"][0][0] in ("petal", "sepal")
+    assert out.summary["data"]["task"] == "classification" and out.summary["loss"] is not None
+    assert out.summary["layers"]["layers.0"]["gradient"] is not None

@@ -121,7 +121,7 @@ def test_ctrl_c_marks_killed_and_keeps_the_last_checkpoint(store: str, tmp_path:
 
 
 @pytest.mark.slow
-def test_mlproject_train_logs_into_the_run_mlflow_run_started(store: str, tmp_path: Path) -> None:
+def test_mlproject_train_and_explain_log_into_the_runs_mlflow_run_started(store: str, tmp_path: Path) -> None:
     (tmp_path / "cfg.json").write_text(json.dumps({**TINY_CONFIG, "epochs": 2}))
     env = env_for(store, tmp_path / "work")
     env["MLFLOW_EXPERIMENT_NAME"] = "mlflow-xai"
@@ -136,6 +136,19 @@ def test_mlproject_train_logs_into_the_run_mlflow_run_started(store: str, tmp_pa
     assert run.data.tags["mlflow_xai.role"] == "train"
     assert run.data.tags["mlflow.project.entryPoint"] == "train"
     assert run.data.params["epochs"] == "2"
+
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", "explain", "--env-manager", "local",
+         "-P", f"run_id={run.info.run_id}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(store)
+    explains = client.search_runs([run.info.experiment_id], filter_string="tags.`mlflow_xai.role` = 'explain'")
+    assert len(explains) == 1 and explains[0].info.status == "FINISHED"
+    assert explains[0].data.tags["mlflow.project.entryPoint"] == "explain"
+    assert explains[0].data.tags["mlflow_xai.source_run_id"] == run.info.run_id
+    assert "xai/report.html" in _artifacts(client, explains[0].info.run_id)
 
 
 def test_logged_model_takes_raw_features_and_predicts_in_target_units(store: str, tiny_config: Path) -> None:
