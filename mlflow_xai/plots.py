@@ -4,6 +4,10 @@ Every function returns a :class:`matplotlib.figure.Figure` built without pyplot,
 nothing here touches global state, opens a window or leaks figures in a long-running
 process; :func:`figure_to_png` turns a figure into PNG bytes for logging. All figures
 render when the data holds NaN or Inf: non-finite cells are drawn in :data:`BAD_COLOR`.
+
+Rendering time goes to matplotlib's per-artist Python overhead, not to pixels, so the
+figures are laid out with fixed margins in inches instead of a layout engine and keep
+their artists few (axes, ticks, colour bars): that keeps a 24-layer grid quick.
 """
 
 from __future__ import annotations
@@ -15,12 +19,16 @@ from typing import TYPE_CHECKING, Mapping, Protocol
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import Colormap
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.patches import StepPatch
+from matplotlib.ticker import FuncFormatter, MaxNLocator, ScalarFormatter
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.gridspec import GridSpec
+    from matplotlib.image import AxesImage
 
     from mlflow_xai.inspect.results import Histogram, LayerActivations, TensorStats
 
@@ -41,6 +49,20 @@ SEQUENTIAL_CMAP = "viridis"
 #: Default cap on the cells a heatmap draws: about the pixels a figure has anyway.
 MAX_PIXELS = 256 * 256
 _GRID_COLUMNS = 4
+# Layout in inches. Every figure here is laid out by fixed margins rather than by a
+# layout engine: constrained layout measured every tick label of every panel and made
+# ``print_figure`` draw the whole figure twice, about two thirds of the time a 24-panel
+# grid took to render. The margins fit the tick labels the formatters below produce.
+_HIST_CELL = (2.55, 1.7)  # one histogram panel
+_HIST_GAP = (0.6, 0.5)  # room for the next panel's count labels; for ticks and a title
+_HIST_MARGIN = (0.8, 0.15, 0.5, 0.55)  # left, right, bottom, top
+_STRIP_WIDTH = 8.1
+_STRIP_HEIGHT = 0.4
+_STRIP_GAP = 0.55  # x tick labels below a strip and the title above the next
+_STRIP_MARGIN = (0.2, 0.7, 0.45, 0.55)  # left, right, bottom, top
+_COLORBAR_PAD, _COLORBAR_WIDTH = 0.1, 0.15
+# Tick steps of the default AutoLocator: 0.5 and 1k rather than 0.6 and 800.
+_NICE_STEPS = [1, 2, 2.5, 5, 10]
 
 
 class HasHistogram(Protocol):
@@ -129,8 +151,21 @@ def heatmap(
     else:
         cmap, vmin, vmax = _cmap(DIVERGING_CMAP), -limit, limit
 
-    fig = Figure(figsize=(7.0, _heatmap_height(rows, cols)), layout="constrained")
-    ax = fig.add_subplot()
+    title = f"{name}  shape {shape}"
+    notes = []
+    if block != (1, 1):
+        notes.append(f"block mean over {block[0]}x{block[1]} cells")
+    if nonfinite:
+        notes.append(f"{nonfinite} NaN/Inf values (magenta)")
+    if notes:
+        title += "\n" + "; ".join(notes)
+
+    # Margins in inches: tick labels of up to five digits and an axis label on the
+    # left and bottom, one or two title lines on top, the colour bar on the right.
+    top = 0.4 if not notes else 0.6
+    width, height = 7.0, _heatmap_height(rows, cols) + top - 0.4
+    fig = Figure(figsize=(width, height))
+    ax = fig.add_axes(_inches_rect(fig, left=0.85, right=1.2, bottom=0.6, top=top))
     # The extent maps block cells back to original indices (cell i centred on i),
     # so the ticks read as row/column numbers even after block averaging.
     image = ax.imshow(
@@ -142,20 +177,12 @@ def heatmap(
         interpolation="nearest",
         extent=(-0.5, cols - 0.5, rows - 0.5, -0.5),
     )
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    title = f"{name}  shape {shape}"
-    notes = []
-    if block != (1, 1):
-        notes.append(f"block mean over {block[0]}x{block[1]} cells")
-    if nonfinite:
-        notes.append(f"{nonfinite} NaN/Inf values (magenta)")
-    if notes:
-        title += "\n" + "; ".join(notes)
-    ax.set_title(title, fontsize=10)
+    ax.xaxis.set_major_locator(_InViewLocator(steps=_NICE_STEPS, integer=True, min_n_ticks=1))
+    ax.yaxis.set_major_locator(_InViewLocator(steps=_NICE_STEPS, integer=True, min_n_ticks=1))
+    ax.set_title(title, fontsize=10, y=1.0)
     _label_heatmap_axes(ax, shape)
     label = "|value|" if absolute else "value"
-    fig.colorbar(image, ax=ax, label=label if block == (1, 1) else f"mean {label}")
+    _colorbar(fig, ax, image, label=label if block == (1, 1) else f"mean {label}")
     return fig
 
 
@@ -195,26 +222,26 @@ def distribution_grid(
         return _message_figure(title, "nothing to show")
     ncols = min(_GRID_COLUMNS, len(layers))
     nrows = math.ceil(len(layers) / ncols)
-    fig = Figure(figsize=(3.2 * ncols, 2.4 * nrows + 0.5), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, (name, layer) in zip(axes, layers.items()):
+    fig, grid = _fixed_grid(nrows, ncols, _HIST_CELL, _HIST_GAP, _HIST_MARGIN)
+    for i, (name, layer) in enumerate(layers.items()):
+        # Only the panels in use: an axes made and then deleted still costs its setup.
+        ax = fig.add_subplot(grid[divmod(i, ncols)])
         _draw_histogram(ax, name, layer.histogram, layer.stats, log_y=log_y)
-    for ax in axes[len(layers) :]:
-        fig.delaxes(ax)
-    fig.suptitle(title)
-    fig.supxlabel("value", fontsize=9)
-    fig.supylabel("count (log)" if log_y else "count", fontsize=9)
+    fig.suptitle(title, y=1 - 0.08 / fig.get_figheight(), va="top")
+    fig.supxlabel("value", fontsize=9, y=0.06 / fig.get_figheight(), va="bottom")
+    fig.supylabel("count (log)" if log_y else "count", fontsize=9, x=0.08 / fig.get_figwidth())
     return fig
 
 
 def mean_activation_map(activations: Mapping[str, LayerActivations]) -> Figure:
     """Draw each layer's mean activation per unit as one strip per layer.
 
-    One row per layer, units along x, each row on its own zero-centred scale with
-    its own colour bar: widths (70, 140, 10 units) and magnitudes (a hidden ReLU
-    near 1, an output near 100) differ too much between layers for one shared
-    image to show every layer's pattern. A white cell is a unit whose mean is zero,
-    which for a ReLU layer usually means a dead unit.
+    One row per layer, units along x, each row on its own zero-centred scale from
+    ``-max`` to ``+max`` of its largest ``|mean|``, which the row's title names:
+    widths (70, 140, 10 units) and magnitudes (a hidden ReLU near 1, an output near
+    100) differ too much between layers for one shared scale to show every layer's
+    pattern. One colour bar, in units of that ``max``, serves all rows. A white cell
+    is a unit whose mean is zero, which for a ReLU layer usually means a dead unit.
 
     Args:
         activations: Layer name to its activations, e.g. ``explanation.activations``;
@@ -229,26 +256,37 @@ def mean_activation_map(activations: Mapping[str, LayerActivations]) -> Figure:
         >>> hist = Histogram(np.array([1, 1]), np.array([-1.0, 0.0, 1.0]))
         >>> act = LayerActivations("fc", "Linear", np.zeros((1, 3)), stats, hist,
         ...                        mean_per_unit=np.array([-1.0, 0.0, 1.0]))
-        >>> len(mean_activation_map({"fc": act}).axes)  # the strip and its colour bar
+        >>> len(mean_activation_map({"fc": act}).axes)  # the strip and the colour bar
         2
     """
     title = "mean activation per unit"
     if not activations:
         return _message_figure(title, "nothing to show")
-    fig = Figure(figsize=(9.0, 0.95 * len(activations) + 0.8), layout="constrained")
-    axes = fig.subplots(len(activations), 1, squeeze=False).ravel()
+    fig, grid = _fixed_grid(
+        len(activations), 1, (_STRIP_WIDTH, _STRIP_HEIGHT), (0.0, _STRIP_GAP), _STRIP_MARGIN
+    )
     cmap = _cmap(DIVERGING_CMAP)
-    for ax, (name, layer) in zip(axes, activations.items()):
+    strips: list[Axes] = []
+    for i, (name, layer) in enumerate(activations.items()):
+        ax = fig.add_subplot(grid[i, 0])
+        strips.append(ax)
         means = np.asarray(layer.mean_per_unit, dtype=np.float64).ravel()
-        nonfinite = int(means.size - np.count_nonzero(np.isfinite(means)))
-        note = f", {nonfinite} NaN/Inf (magenta)" if nonfinite else ""
-        ax.set_title(f"{name}  ({means.size} units{note})", loc="left", fontsize=9)
+        finite = np.abs(means[np.isfinite(means)])
+        notes = [f"{means.size} unit{'' if means.size == 1 else 's'}"]
+        if finite.size:
+            notes.append(f"max |mean| {finite.max():.3g}")
+        if finite.size < means.size:
+            notes.append(f"{means.size - finite.size} NaN/Inf (magenta)")
+        ax.set_title(f"{name}  ({', '.join(notes)})", loc="left", fontsize=9, y=1.0)
         ax.set_yticks([])
+        # Fixed coordinates for the empty y label: placing it measures the tick labels.
+        ax.yaxis.set_label_coords(0.0, 0.5)
         if means.size == 0:
+            ax.set_xticks([])
             _centre_text(ax, "no units")
             continue
         limit = _finite_abs_max(means)
-        image = ax.imshow(
+        ax.imshow(
             np.ma.masked_invalid(means[np.newaxis, :]),
             cmap=cmap,
             vmin=-limit,
@@ -257,13 +295,113 @@ def mean_activation_map(activations: Mapping[str, LayerActivations]) -> Figure:
             interpolation="nearest",
             extent=(-0.5, means.size - 0.5, 0.5, -0.5),
         )
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(
+            _InViewLocator(nbins=6, steps=_NICE_STEPS, integer=True, min_n_ticks=1)
+        )
         ax.tick_params(labelsize=8)
-        colorbar = fig.colorbar(image, ax=ax, pad=0.01, aspect=6)
-        colorbar.ax.tick_params(labelsize=7)
-    axes[-1].set_xlabel("unit", fontsize=9)
-    fig.suptitle(title)
+    strips[-1].set_xlabel("unit", fontsize=9, labelpad=1)
+    for ax in strips[:-1]:
+        ax.xaxis.set_label_coords(0.5, 0.0)  # likewise for the empty x labels above
+    # One colour bar for all strips rather than one per strip, which doubled the axes
+    # to build and draw; as tall as the strips, up to a few inches, from the top one.
+    width, height = fig.get_size_inches()
+    top = strips[0].get_position()
+    bar_height = min(top.y1 - strips[-1].get_position().y0, 2.5 / height)
+    cax = fig.add_axes(
+        (top.x1 + _COLORBAR_PAD / width, top.y1 - bar_height, _COLORBAR_WIDTH / width, bar_height),
+        label="<colorbar>",
+    )
+    colorbar = fig.colorbar(ScalarMappable(Normalize(-1.0, 1.0), cmap), cax=cax)
+    colorbar.set_ticks([-1.0, 0.0, 1.0], labels=["\u2212max", "0", "+max"])
+    cax.tick_params(labelsize=7)
+    fig.suptitle(
+        f"{title} (each layer on its own scale, \u2212max to +max)",
+        y=1 - 0.08 / fig.get_figheight(),
+        va="top",
+    )
     return fig
+
+
+class _InViewLocator(MaxNLocator):
+    """:class:`~matplotlib.ticker.MaxNLocator` without the ticks beyond the view.
+
+    ``MaxNLocator`` pads its ticks past both ends of the axis; matplotlib builds a
+    tick (five artists) for each and then leaves it undrawn: a third of all ticks
+    on a small panel.
+    """
+
+    def __call__(self) -> list[float]:
+        ticks = np.asarray(super().__call__(), dtype=np.float64)
+        if self.axis is None:
+            return ticks.tolist()
+        lo, hi = sorted(self.axis.get_view_interval())
+        slack = (hi - lo) * 1e-9  # keep a tick that sits on the edge up to rounding
+        return ticks[(ticks >= lo - slack) & (ticks <= hi + slack)].tolist()
+
+
+def _fixed_grid(
+    nrows: int,
+    ncols: int,
+    cell: tuple[float, float],
+    gap: tuple[float, float],
+    margin: tuple[float, float, float, float],
+) -> tuple[Figure, GridSpec]:
+    """A figure sized to hold ``nrows x ncols`` cells, and its grid.
+
+    All sizes are in inches: ``cell`` is one axes' (width, height), ``gap`` the
+    (horizontal, vertical) space between cells and ``margin`` the (left, right,
+    bottom, top) space around them, so panels keep their size however many there are.
+    """
+    left, right, bottom, top = margin
+    width = left + right + ncols * cell[0] + (ncols - 1) * gap[0]
+    height = bottom + top + nrows * cell[1] + (nrows - 1) * gap[1]
+    fig = Figure(figsize=(width, height))
+    grid = fig.add_gridspec(
+        nrows,
+        ncols,
+        left=left / width,
+        right=1 - right / width,
+        bottom=bottom / height,
+        top=1 - top / height,
+        wspace=gap[0] / cell[0],
+        hspace=gap[1] / cell[1],
+    )
+    return fig, grid
+
+
+def _inches_rect(
+    fig: Figure, *, left: float, right: float, bottom: float, top: float
+) -> tuple[float, float, float, float]:
+    """Figure-fraction ``(x0, y0, width, height)`` of a box inset by margins in inches."""
+    width, height = fig.get_size_inches()
+    return (
+        left / width,
+        bottom / height,
+        max(0.05, 1 - (left + right) / width),
+        max(0.05, 1 - (bottom + top) / height),
+    )
+
+
+def _colorbar(fig: Figure, ax: Axes, image: AxesImage, *, label: str) -> None:
+    """A colour bar in a thin axes just right of ``ax``, as tall as ``ax``.
+
+    Placed by hand instead of by ``fig.colorbar(ax=...)``, which shrinks ``ax`` and
+    needs a layout engine to line things up.
+    """
+    width, _ = fig.get_size_inches()
+    box = ax.get_position()
+    cax = fig.add_axes(
+        (box.x1 + _COLORBAR_PAD / width, box.y0, _COLORBAR_WIDTH / width, box.height),
+        label="<colorbar>",  # the label matplotlib gives the colour bars it places
+    )
+    colorbar = fig.colorbar(image, cax=cax, label=label)
+    # Scientific notation outside 1e-3..1e4 (the power goes atop the bar) keeps the
+    # tick labels short enough for the fixed right margin.
+    formatter = ScalarFormatter()
+    formatter.set_powerlimits((-3, 4))
+    colorbar.formatter = formatter
+    # Right-aligned by default, the power overhangs the bar's left edge over the image.
+    cax.yaxis.get_offset_text().set(x=0.0, horizontalalignment="left")
 
 
 def _as_matrix(array: np.ndarray) -> np.ndarray:
@@ -354,16 +492,31 @@ def _label_heatmap_axes(ax: Axes, shape: tuple[int, ...]) -> None:
 def _draw_histogram(
     ax: Axes, name: str, histogram: Histogram, stats: TensorStats, *, log_y: bool
 ) -> None:
-    ax.set_title(name, fontsize=9)
+    # A fixed y stops the per-draw search for tick labels the title might overlap.
+    ax.set_title(name, fontsize=9, pad=3, y=1.0)
     ax.tick_params(labelsize=7)
+    # The panels have no axis labels of their own (the figure has), so fixed label
+    # coordinates skip measuring every tick label again to place an empty label.
+    ax.xaxis.set_label_coords(0.5, 0.0)
+    ax.yaxis.set_label_coords(0.0, 0.5)
+    # Few ticks: each one is several artists to build, lay out and draw, times 24 panels.
+    ax.xaxis.set_major_locator(_InViewLocator(nbins=4, steps=_NICE_STEPS))
+    formatter = ScalarFormatter()
+    formatter.set_powerlimits((-3, 4))
+    ax.xaxis.set_major_formatter(formatter)
+    ax.xaxis.get_offset_text().set_fontsize(7)
     counts = np.asarray(histogram.counts, dtype=np.float64)
     edges = np.asarray(histogram.edges, dtype=np.float64)
     if counts.sum() > 0 and np.isfinite(edges).all():
-        ax.stairs(counts, edges, fill=True, color="#4c72b0", alpha=0.85)
-        if log_y:
-            ax.set_yscale("log")
+        _add_stairs(ax, counts, edges)
     else:
         _centre_text(ax, "no finite values")
+    if log_y:
+        ax.set_yscale("log")
+    else:
+        ax.yaxis.set_major_locator(_InViewLocator(nbins=4, steps=_NICE_STEPS, integer=True))
+        # "25k" rather than "25000": count labels must fit the gap between panels.
+        ax.yaxis.set_major_formatter(FuncFormatter(_compact_count))
     lines = [f"mean {stats.mean:.3g}", f"std {stats.std:.3g}"]
     if stats.nan_count or stats.inf_count:
         lines.append(f"NaN {stats.nan_count}, Inf {stats.inf_count}")
@@ -380,15 +533,38 @@ def _draw_histogram(
     )
 
 
+def _add_stairs(ax: Axes, counts: np.ndarray, edges: np.ndarray) -> None:
+    """What ``ax.stairs(counts, edges, fill=True)`` draws: one patch for all bins.
+
+    ``stairs`` adds its patch with ``add_patch``, which finds the data limits by
+    walking the outline one Bezier segment per bin edge; the limits are known from
+    the edges and counts, and skipping that walk saves a few percent of a grid.
+    """
+    patch = StepPatch(counts, edges, baseline=0, fill=True, facecolor="#4c72b0", linewidth=0, alpha=0.85)
+    ax.add_artist(patch)
+    patch.sticky_edges.y.append(0)  # bars stand on the x axis: no margin below zero
+    positive = counts[counts > 0]  # the smallest sets the floor of a log count axis
+    ax.update_datalim([(edges[0], 0.0), (edges[-1], positive.max()), (edges[-1], positive.min())])
+    ax.autoscale_view()
+
+
+def _compact_count(value: float, _pos: object = None) -> str:
+    """A count tick label of at most about five characters: ``2.5k``, ``1.2M``."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
 def _centre_text(ax: Axes, text: str) -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="gray")
 
 
 def _message_figure(title: str, text: str) -> Figure:
     """A small figure that says why there is no plot, so callers need no special case."""
-    fig = Figure(figsize=(5.0, 2.0), layout="constrained")
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(5.0, 2.0))
+    ax = fig.add_axes(_inches_rect(fig, left=0.2, right=0.2, bottom=0.2, top=0.45))
     ax.set_axis_off()
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=10, y=1.0)
     _centre_text(ax, text)
     return fig

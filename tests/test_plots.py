@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.transforms import Bbox
 
 from mlflow_xai.inspect.results import Histogram, LayerActivations, LayerWeights, TensorStats
 from mlflow_xai.plots import (
@@ -225,3 +227,112 @@ report.render_report({}, {}, title="t")
 assert "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
 """
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=60)
+
+
+def _assert_labels_fit(fig: Figure) -> None:
+    """No axes' ink (tick labels, title, offset text) runs off the figure, into another
+    axes' frame, or into another panel's ink. A colour bar is only checked against
+    frames: its bounding box may share the empty corner above its image's frame.
+
+    The layout is fixed in inches rather than computed from the labels, so this checks
+    that the labels the formatters produce still fit.
+    """
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    axes = fig.axes
+    ink = [ax.get_tightbbox(renderer) for ax in axes]
+    frame = [ax.get_window_extent(renderer) for ax in axes]
+    is_colorbar = [ax.get_label() == "<colorbar>" for ax in axes]
+
+    def overlap(a: Bbox, b: Bbox) -> bool:  # more than the width of a spine
+        return min(a.x1, b.x1) - max(a.x0, b.x0) > 2 and min(a.y1, b.y1) - max(a.y0, b.y0) > 2
+
+    for box in ink:
+        assert box.x0 >= 0 and box.y0 >= 0, box
+        assert box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height, box
+    for i in range(len(axes)):
+        for j in range(len(axes)):
+            if i == j:
+                continue
+            assert not overlap(ink[i], frame[j]), (i, j, ink[i], frame[j])
+            if not (is_colorbar[i] or is_colorbar[j]):
+                assert not overlap(ink[i], ink[j]), (i, j, ink[i], ink[j])
+
+
+def test_distribution_grid_of_24_layers_renders_with_fixed_layout() -> None:
+    layers = {f"layers.{i}": _weights(f"layers.{i}", nan_count=i % 3) for i in range(24)}
+    fig = distribution_grid("activations", layers)
+    assert [ax.get_title() for ax in fig.axes] == list(layers)
+    assert len({ax.get_position().y0 for ax in fig.axes}) == 6  # 6 rows of 4
+    # A layout engine measures every label and makes print_figure draw twice: the
+    # largest cost of a many-panel figure, so the layout is fixed instead.
+    assert fig.get_layout_engine() is None
+    _assert_png(figure_to_png(fig))
+
+
+def test_distribution_grid_labels_fit_for_large_and_tiny_values() -> None:
+    big = Histogram(np.array([3_000_000, 2_500_000, 10]), np.array([-3e-5, -1e-5, 1e-5, 3e-5]))
+    huge = Histogram(np.array([1, 250_000, 3]), np.array([5e8, 5.1e8, 5.2e8, 5.3e8]))
+    layers = {
+        "many.counts.tiny.values": LayerWeights("a", "Linear", np.zeros(2), _stats(), big),
+        "huge.values": LayerWeights("b", "Linear", np.zeros(2), _stats(nan_count=3), huge),
+        **{f"layers.{i}": _weights(f"layers.{i}") for i in range(4)},
+    }
+    for log_y in (False, True):
+        _assert_labels_fit(distribution_grid("weights", layers, log_y=log_y))
+
+
+def test_distribution_grid_count_labels_are_compact_and_ticks_in_view() -> None:
+    big = Histogram(np.array([2_500, 25_000, 1_200_000]), np.array([0.0, 1.0, 2.0, 3.0]))
+    ax = distribution_grid("w", {"fc": LayerWeights("fc", "Linear", np.zeros(2), _stats(), big)}).axes[0]
+    formatter = ax.yaxis.get_major_formatter()
+    assert [formatter(v) for v in (0.0, 800.0, 2_500.0, 25_000.0, 1_200_000.0)] == [
+        "0",
+        "800",
+        "2.5k",
+        "25k",
+        "1.2M",
+    ]
+    for ticks, (lo, hi) in ((ax.get_xticks(), ax.get_xlim()), (ax.get_yticks(), ax.get_ylim())):
+        assert len(ticks) >= 2
+        assert all(lo - 1e-9 <= t <= hi + 1e-9 for t in ticks)
+
+
+def test_mean_activation_map_shares_one_colour_bar_and_names_each_scale() -> None:
+    rng = np.random.default_rng(2)
+    acts = {f"layers.{i}": _activations(f"layers.{i}", rng.standard_normal(10 + 30 * i)) for i in range(24)}
+    acts["layers.0"] = _activations("layers.0", np.array([-4.0, 0.0, 2.0]))
+    fig = mean_activation_map(acts)
+    strips = [ax for ax in fig.axes if ax.images]
+    assert len(strips) == 24 and len(fig.axes) == 25  # one colour bar for all strips
+    assert fig.get_layout_engine() is None
+    assert strips[0].images[0].get_clim() == (-4.0, 4.0)
+    assert "max |mean| 4" in strips[0].get_title(loc="left")
+    assert all("max |mean|" in ax.get_title(loc="left") for ax in strips)
+    _assert_labels_fit(fig)
+    _assert_png(figure_to_png(fig))
+
+
+def test_mean_activation_map_single_unit_and_empty_layers_fit() -> None:
+    acts = {
+        "one": _activations("one", np.array([0.5])),
+        "empty": _activations("empty", np.zeros(0)),
+        "wide.layer.with.a.long.name": _activations("w", np.linspace(-1e5, 3e5, 5120)),
+    }
+    fig = mean_activation_map(acts)
+    assert "1 unit," in fig.axes[0].get_title(loc="left")
+    _assert_labels_fit(fig)
+
+
+def test_heatmap_labels_fit_for_any_shape_and_magnitude() -> None:
+    rng = np.random.default_rng(3)
+    cases = [
+        np.full((2, 3), np.nan),
+        rng.standard_normal(80) * 2e4,
+        rng.standard_normal((16, 3, 5, 5)) * 1e-5,
+        rng.standard_normal((5120, 10)),
+        rng.standard_normal((600, 700)) * 123456.0,
+    ]
+    for values in cases:
+        for absolute in (False, True):
+            _assert_labels_fit(heatmap("layers.0 weight gradient", values, absolute=absolute))
