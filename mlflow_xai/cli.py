@@ -142,6 +142,9 @@ def explain(run_id: str | None, model_uri: str | None, experiment: str | None, d
     """Explain a trained model and log the explanation as MLflow artifacts."""
     import gc
 
+    import matplotlib.figure  # noqa: F401 - imported before gc.freeze below
+    import torch  # noqa: F401
+
     from mlflow_xai.pipeline import explain_and_log
 
     _quiet_mlflow(quiet)
