@@ -22,14 +22,15 @@ import torch
 from torch import nn
 
 from mlflow_xai.inspect.attributions import METHODS, attribute
+from mlflow_xai.config import TunedConfig
 
 N_FEATURES = 10
 ROWS = 177
 
 
 def cookbook_mlp(l1: int, n: int = N_FEATURES) -> nn.Sequential:
-    half = math.ceil(l1 / 2) * n
-    sizes = [n, 2 * l1 * n, l1 * n, 2 * l1 * n, l1 * n, l1 * n, half, half]
+    # the cookbook's width rule, from the one place that defines it
+    sizes = [n, *TunedConfig(l1=l1).hidden_layer_sizes(n)]
     layers: list[nn.Module] = []
     for a, b in zip(sizes[:-1], sizes[1:]):
         layers += [nn.Linear(a, b), nn.ReLU()]

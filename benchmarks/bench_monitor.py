@@ -48,6 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from mlflow_xai.monitor import XAIMonitor
+from mlflow_xai.config import TunedConfig
 
 N_FEATURES, L1, ROWS, BATCH = 10, 16, 442, 32
 
@@ -57,8 +58,8 @@ class CookbookMLP(L.LightningModule):
 
     def __init__(self, l1: int = L1, n: int = N_FEATURES, lr: float = 1e-3) -> None:
         super().__init__()
-        half = math.ceil(l1 / 2) * n
-        sizes = [n, 2 * l1 * n, l1 * n, 2 * l1 * n, l1 * n, l1 * n, half, half]
+        # the cookbook's width rule, from the one place that defines it
+        sizes = [n, *TunedConfig(l1=l1).hidden_layer_sizes(n)]
         layers: list[nn.Module] = []
         for a, b in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]
