@@ -22,7 +22,7 @@ Target: <= 1.05 x ``off``. The scalar statistics meet it within this machine's n
 every histogram snapshot adds about 0.3 s of drawing and storing three images, a fixed
 cost per snapshot that a 0.1-second epoch cannot hide (hence ~10 snapshots by default).
 
-Run: ``.venv/bin/python benchmarks/bench_monitor.py [--repeats 3] [--epochs 30] [--profile]``
+Run: ``.venv/bin/python benchmarks/bench_monitor.py [--repeats 3] [--epochs 30] [--profile [VARIANT]]``
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 keeps a shared machine's load from swamping the timings")
-    parser.add_argument("--profile", action="store_true", help="profile one 'defaults' fit")
+    parser.add_argument("--profile", nargs="?", const="defaults", default=None, metavar="VARIANT",
+                        help="profile one fit of VARIANT (default: 'defaults') instead of timing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -126,10 +127,10 @@ def main() -> None:
             "hist/epoch": lambda: XAIMonitor(histogram_every_n_epochs=1),
         }
         if args.profile:
+            fit_seconds(2, variants[args.profile])  # warm-up
             prof = cProfile.Profile()
-            with mlflow.start_run():
-                prof.runcall(fit_seconds, args.epochs, variants["defaults"])
-            pstats.Stats(prof).sort_stats("cumulative").print_stats("mlflow_xai|log_batch|log_image|savefig|draw", 25)
+            prof.runcall(fit_seconds, args.epochs, variants[args.profile])
+            pstats.Stats(prof).sort_stats("cumulative").print_stats("mlflow_xai|log_batch|log_image|draw", 30)
             return
 
         for fn in variants.values():  # warm-up: imports, sqlite schema, allocator

@@ -4,7 +4,7 @@ Three variants of one tuned config (default: the built-in diabetes config with
 ``epochs=30, patience=30``, so early stopping never fires and every variant runs
 exactly 30 epochs) run alternately in one process (imports warm), ``--repeats`` times:
 
-* ``plain``: the same ``mlflow_xai.nets.XAIModule`` and ``mlflow_xai.train.loaders``
+* ``plain``: the same ``mlflow_xai.train.XAIModule`` and ``mlflow_xai.train.loaders``
   in a bare ``lightning.Trainer`` (same ``max_epochs``, the same EarlyStopping on
   ``val_loss``, no logger, no checkpointing, no progress bar, no model summary);
   the data loading and split are timed too, as ``train_and_log`` does them;
@@ -61,7 +61,7 @@ from mlflow_xai import pipeline, tracking
 from mlflow_xai import train as train_mod
 from mlflow_xai.config import TunedConfig
 from mlflow_xai.data import load_dataset, split_dataset
-from mlflow_xai.nets import XAIModule
+from mlflow_xai.train import XAIModule
 
 # Stages of train_and_log, timed by wrapping the module attributes the pipeline calls.
 STAGES: dict[str, list[tuple[Any, str]]] = {

@@ -1,15 +1,16 @@
-"""The network a tuned config describes, and the LightningModule that trains it.
+"""The network a tuned config describes, its serving wrapper and its loss.
 
 :class:`MLP` reproduces spotpython's NNLinearRegressor layer for layer (same shapes in
 the same order, in a ``layers`` Sequential), so a cookbook user's tuned config gives
-the very same network. It is a plain ``nn.Module``: explaining it needs no Lightning.
+the very same network. It is a plain ``nn.Module``: explaining it needs no Lightning
+(the LightningModule that trains it lives in :mod:`mlflow_xai.train`, so the explain
+job never imports Lightning: ~4 s of start-up).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 from torch import nn
 
@@ -76,46 +77,3 @@ class ServingModel(nn.Module):
 def loss_for(task: str) -> nn.Module:
     """The model's own loss: MSE for regression, cross-entropy for classification."""
     return nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
-
-
-class XAIModule(L.LightningModule):
-    """Trains an :class:`MLP` with the config's optimizer and learning rate.
-
-    ``meta`` (config, task, feature names, standardization) is written into every
-    checkpoint under ``mlflow_xai`` as plain Python types, so a checkpoint describes
-    itself and loads with ``torch.load(weights_only=True)``.
-    """
-
-    def __init__(self, cfg: TunedConfig, n_in: int, n_out: int, task: str, meta: dict[str, Any]) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.task = task
-        self.meta = meta
-        self.net = MLP(cfg, n_in, n_out)
-        self.loss_fn = loss_for(task)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = batch
-        out = self.net(x)
-        if self.task == "regression":
-            out = out.squeeze(-1)
-        return self.loss_fn(out, y), out
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._loss(batch)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch[0]))
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        loss, _ = self._loss(batch)
-        self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch[0]))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        opt_cls = getattr(torch.optim, self.cfg.optimizer)
-        return opt_cls(self.net.parameters(), lr=self.cfg.learning_rate)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mlflow_xai"] = self.meta

@@ -137,13 +137,9 @@ def heatmap(
     if array.size == 0:
         return _message_figure(f"{name}  {shape}", "empty tensor: nothing to show")
     matrix = _as_matrix(array)
-    nonfinite = int(matrix.size - np.count_nonzero(np.isfinite(matrix)))
-    if absolute:
-        # Before averaging, so that +w and -w in one block do not cancel out.
-        matrix = np.abs(matrix)
     rows, cols = matrix.shape
     block = _block_shape(rows, cols, max_pixels)
-    shown = _block_mean(matrix, block)
+    shown, nonfinite = _block_mean(matrix, block, absolute=absolute)
 
     limit = _finite_abs_max(shown)
     if absolute:
@@ -428,34 +424,58 @@ def _block_shape(rows: int, cols: int, max_pixels: int) -> tuple[int, int]:
     return block_rows, block_cols
 
 
-def _block_mean(matrix: np.ndarray, block: tuple[int, int]) -> np.ndarray:
-    """Mean of the finite values in each block; NaN where a block has none.
+#: Cells of a matrix that :func:`_block_mean` reads at a time: its temporaries (a mask,
+#: float64 partial sums) are per strip, so a layer of a billion weights costs a few
+#: hundred MB beyond its own bytes, not several times them.
+STRIP_CELLS = 1 << 24
 
-    ``np.add.reduceat`` sums uneven edge blocks without padding a copy of a large
-    matrix; summing along the contiguous last axis first is several times faster.
-    Counting finite values by hand avoids nanmean's warnings on all-NaN blocks.
+
+def _block_mean(matrix: np.ndarray, block: tuple[int, int], *,
+                absolute: bool = False) -> tuple[np.ndarray, int]:
+    """Mean of the finite values (of ``|values|`` if ``absolute``) in each block, NaN
+    where a block has none; and the number of NaN/Inf cells.
+
+    The matrix is read in strips of whole block rows of about :data:`STRIP_CELLS`
+    cells. ``np.add.reduceat`` sums uneven edge blocks without padding; summing along
+    the contiguous last axis first is several times faster. Counting finite values by
+    hand avoids nanmean's warnings on all-NaN blocks. Taking ``|values|`` before
+    averaging keeps +w and -w in one block from cancelling out.
     """
-    finite = np.isfinite(matrix)
-    if block == (1, 1):
-        return np.where(finite, matrix, np.nan).astype(np.float64)
-    row_starts = np.arange(0, matrix.shape[0], block[0])
-    col_starts = np.arange(0, matrix.shape[1], block[1])
-
-    def block_sum(a: np.ndarray) -> np.ndarray:
-        partial = np.add.reduceat(a, col_starts, axis=1, dtype=np.float64)
-        return np.add.reduceat(partial, row_starts, axis=0)
-
-    all_finite = bool(finite.all())
-    sums = block_sum(matrix if all_finite else np.where(finite, matrix, 0))
-    if all_finite:
-        # Block sizes from the starts alone: the common case skips a second pass.
-        heights = np.diff(row_starts, append=matrix.shape[0])
-        widths = np.diff(col_starts, append=matrix.shape[1])
-        counts = np.outer(heights, widths).astype(np.float64)
-    else:
-        counts = block_sum(finite)
+    rows, cols = matrix.shape
+    col_starts = np.arange(0, cols, block[1])
+    widths = np.diff(col_starts, append=cols)
+    strip = max(1, STRIP_CELLS // max(cols * block[0], 1)) * block[0]
+    sums_out, counts_out = [], []
+    nonfinite = 0
+    for top in range(0, rows, strip):
+        part = matrix[top : top + strip]
+        if absolute:
+            part = np.abs(part)
+        finite = np.isfinite(part)
+        all_finite = bool(finite.all())
+        if not all_finite:
+            nonfinite += int(finite.size - np.count_nonzero(finite))
+            part = np.where(finite, part, 0)
+        row_starts = np.arange(0, part.shape[0], block[0])
+        if block == (1, 1):
+            sums = part.astype(np.float64)
+        else:
+            partial = np.add.reduceat(part, col_starts, axis=1, dtype=np.float64)
+            sums = np.add.reduceat(partial, row_starts, axis=0)
+        if all_finite:
+            # Block sizes from the starts alone: the common case skips a second pass.
+            heights = np.diff(row_starts, append=part.shape[0])
+            counts = np.outer(heights, widths).astype(np.float64)
+        elif block == (1, 1):
+            counts = finite.astype(np.float64)
+        else:
+            counts = np.add.reduceat(np.add.reduceat(finite, col_starts, axis=1, dtype=np.float64),
+                                     row_starts, axis=0)
+        sums_out.append(sums)
+        counts_out.append(counts)
+    sums, counts = np.concatenate(sums_out), np.concatenate(counts_out)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, sums / counts, np.nan)
+        return np.where(counts > 0, sums / counts, np.nan), nonfinite
 
 
 def _finite_abs_max(values: np.ndarray) -> float:

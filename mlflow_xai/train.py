@@ -1,4 +1,5 @@
-"""The one place a ``lightning.Trainer`` is built, and the fit on the cookbook's split.
+"""The one place Lightning is used: the LightningModule, the Trainer, and the fit on the
+cookbook's split.
 
 EarlyStopping on ``val_loss`` with the config's patience, ModelCheckpoint keeping the
 last and the best checkpoint, a TensorBoardLogger, everything seeded; accelerator,
@@ -24,9 +25,52 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mlflow_xai.config import TunedConfig
 from mlflow_xai.data import Dataset, Split
-from mlflow_xai.nets import XAIModule
+from mlflow_xai.nets import MLP, loss_for
 
 CHECKPOINT_FORMAT = 1
+
+
+class XAIModule(L.LightningModule):
+    """Trains an :class:`MLP` with the config's optimizer and learning rate.
+
+    ``meta`` (config, task, feature names, standardization) is written into every
+    checkpoint under ``mlflow_xai`` as plain Python types, so a checkpoint describes
+    itself and loads with ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(self, cfg: TunedConfig, n_in: int, n_out: int, task: str, meta: dict[str, Any]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.task = task
+        self.meta = meta
+        self.net = MLP(cfg, n_in, n_out)
+        self.loss_fn = loss_for(task)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        out = self.net(x)
+        if self.task == "regression":
+            out = out.squeeze(-1)
+        return self.loss_fn(out, y), out
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self._loss(batch)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch[0]))
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, _ = self._loss(batch)
+        self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch[0]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        opt_cls = getattr(torch.optim, self.cfg.optimizer)
+        return opt_cls(self.net.parameters(), lr=self.cfg.learning_rate)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mlflow_xai"] = self.meta
 
 
 @dataclass

@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from mlflow_xai import monitor as monitor_mod
 from mlflow_xai.errors import XAIError
 from mlflow_xai.monitor import (
     DEAD_SHARE_ALERT,
@@ -455,10 +456,21 @@ def test_a_last_snapshot_when_training_stops_early(client: MlflowClient) -> None
         assert epochs == [0, 1], key
 
 
-def test_default_histograms_of_a_short_fit_come_every_epoch(client: MlflowClient) -> None:
-    run_id = fit_in_run(TinyNet(), XAIMonitor(log_every_n_steps=100), epochs=3)
+def _image_epochs(client: MlflowClient, run_id: str) -> list[int]:
     files = [Path(f.path).name for f in client.list_artifacts(run_id, "images")]
-    assert sorted(int(f.split("+")[2]) for f in files if f.startswith("xai_weights+") and f.endswith(".png")) == [0, 1, 2]
+    return sorted(int(f.split("+")[2]) for f in files if f.startswith("xai_weights+") and f.endswith(".png"))
+
+
+@pytest.mark.parametrize(("budget", "expected"), [(1e9, [0, 1, 2, 3]), (1e-9, [0, 3])])
+def test_default_histograms_are_spaced_by_their_cost(
+    client: MlflowClient, monkeypatch: pytest.MonkeyPatch, budget: float, expected: list[int]
+) -> None:
+    # Default cadence: the first and the last epoch always; in between as often as the
+    # budget share of training time allows (a huge budget: every epoch of a 4-epoch fit;
+    # a tiny one: none of them).
+    monkeypatch.setattr(monitor_mod, "HISTOGRAM_BUDGET", budget)
+    run_id = fit_in_run(TinyNet(), XAIMonitor(log_every_n_steps=100), epochs=4)
+    assert _image_epochs(client, run_id) == expected
 
 
 def test_iterable_loader_of_unknown_length(client: MlflowClient) -> None:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,10 +47,8 @@ def test_help_answers_without_importing_torch_or_mlflow() -> None:
     code = ("import sys, time; t=time.time(); from mlflow_xai.cli import main\n"
             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
             "print(time.time()-t, 'torch' in sys.modules, 'mlflow' in sys.modules)")
-    start = time.time()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     elapsed, torch_loaded, mlflow_loaded = out.stdout.strip().splitlines()[-1].split()
     assert (torch_loaded, mlflow_loaded) == ("False", "False")
     assert "train" in out.stdout and "explain" in out.stdout
-    assert time.time() - start < 30  # sanity bound only; the figure is the imports above
 
