@@ -67,6 +67,14 @@ def main() -> None:
 @main.command()
 @click.option("--config", "config", default=None, callback=_empty_is_none,
               help="Tuned config, JSON or YAML; omitted or 'default': the built-in diabetes config.")
+@click.option("--config-from-run", default=None, callback=_empty_is_none,
+              help="Take the config from this tuning run's params (missing keys from the defaults).")
+@click.option("--config-from-experiment", default=None, callback=_empty_is_none,
+              help="Take the config from the best finished run of this tuning experiment (needs --metric).")
+@click.option("--metric", default=None, callback=_empty_is_none,
+              help="Metric that ranks the runs of --config-from-experiment, e.g. val_loss.")
+@click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True,
+              help="Whether the best run has the lowest or the highest --metric.")
 @click.option("--data", default="diabetes", show_default=True, callback=_empty_is_none,
               help="'diabetes' (embedded) or the path of a CSV/Parquet table.")
 @click.option("--target", default=None, callback=_empty_is_none, help="Target column of a table.")
@@ -93,10 +101,11 @@ def main() -> None:
 @click.option("--workdir", default=None, help="Local folder for checkpoints and logs (default ./mlflow-xai-runs).")
 @click.option("--quiet", is_flag=True, help="No progress bar, only the result lines.")
 @_user_errors
-def train(config: str | None, data: str | None, target: str | None, task: str, experiment: str | None,
-          register_as: str | None, alias: str | None, test_size: float, seed: int, accelerator: str,
-          devices: str, strategy: str, monitor: bool, monitor_every: int, histograms_every: int | None,
-          workdir: str | None, quiet: bool) -> None:
+def train(config: str | None, config_from_run: str | None, config_from_experiment: str | None,
+          metric: str | None, mode: str, data: str | None, target: str | None, task: str,
+          experiment: str | None, register_as: str | None, alias: str | None, test_size: float, seed: int,
+          accelerator: str, devices: str, strategy: str, monitor: bool, monitor_every: int,
+          histograms_every: int | None, workdir: str | None, quiet: bool) -> None:
     """Train the tuned config on the test data and log it all to MLflow."""
     from mlflow_xai.pipeline import train_and_log
 
@@ -107,6 +116,8 @@ def train(config: str | None, data: str | None, target: str | None, task: str, e
         accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices,
         strategy=strategy, workdir=workdir, monitor=monitor, monitor_every_n_steps=monitor_every,
         monitor_histograms_every_n_epochs=histograms_every, quiet=quiet,
+        config_from_run=config_from_run, config_from_experiment=config_from_experiment, metric=metric,
+        mode=mode, echo=click.echo,
     )
     metrics = ", ".join(f"{k}={v:.4g}" for k, v in out.test_metrics.items())
     click.echo(f"train run: {out.run_id}")
@@ -161,3 +172,60 @@ def explain(run_id: str | None, model_uri: str | None, experiment: str | None, d
     click.echo(f"explain run: {out.run_id} (explains train run {out.source.run_id})")
     click.echo(f"report: artifact xai/report.html of run {out.run_id}")
     click.echo(f"see it: {_ui_hint()}")
+
+
+def _drift_threshold(_ctx: click.Context, _param: click.Parameter, value: Any) -> float | None:
+    value = _empty_is_none(_ctx, _param, value)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number; use a drift >= 0, e.g. 0.1") from None
+    if not 0 <= number < float("inf"):
+        raise click.BadParameter(f"{value!r} is invalid; use a drift >= 0, e.g. 0.1")
+    return number
+
+
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--experiment", default=None, callback=_empty_is_none,
+              help="Where the compare run goes (default: beside B's train run).")
+@click.option("--rows", default=128, show_default=True, type=int,
+              help="Compare activations and predictions on this many rows of A's test part.")
+@click.option("--fail-above", default=None, callback=_drift_threshold, metavar="DRIFT",
+              help="Exit 1 when any shared layer's weight drift ||W_B-W_A||/||W_A|| is above DRIFT.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.option("--data", default=None, callback=_empty_is_none,
+              help="The training table, if it is no longer where A's train run read it.")
+@click.option("--quiet", is_flag=True, help="No progress lines, only the result lines.")
+@_user_errors
+def compare(a: str, b: str, experiment: str | None, rows: int, fail_above: float | None, device: str,
+            data: str | None, quiet: bool) -> None:
+    """Compare model B with model A; each a run id, models:/NAME/VERSION or models:/NAME@ALIAS."""
+    from mlflow_xai.compare_pipeline import compare_and_log
+
+    _quiet_mlflow(quiet)
+    out = compare_and_log(a, b, experiment=experiment, rows=rows, fail_above=fail_above, device=device,
+                          data=data, quiet=quiet)
+    top = out.data.get("max_drift")
+    if top:
+        click.echo(f"largest weight drift: {top['layer']} {top['value']:.4g} "
+                   f"({len(out.data['weights'])} shared layers)")
+    else:
+        click.echo("no layer in common: compared by predictions only")
+    preds = out.data.get("predictions") or {}
+    if preds.get("agreement") is not None:
+        click.echo(f"predictions: {preds['agreement']:.1%} of {preds['rows']} rows agree")
+    elif preds.get("rmse_diff") is not None:
+        click.echo(f"predictions: RMS difference {preds['rmse_diff']:.4g} on {preds['rows']} rows")
+    for key, side in (("only_in_a", "A"), ("only_in_b", "B")):
+        if out.data.get(key):
+            click.echo(f"only in {side}: {', '.join(out.data[key])}")
+    click.echo(f"compare run: {out.run_id}")
+    click.echo(f"report: artifact xai/compare/report.html of run {out.run_id}")
+    click.echo(f"see it: {_ui_hint()}")
+    if out.gate_failure:
+        click.echo(f"mlflow-xai: drift gate failed: {out.gate_failure}", err=True)
+        sys.exit(1)

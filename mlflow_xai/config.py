@@ -234,6 +234,59 @@ class TunedConfig:
             raise XAIError(f"config file {str(p)!r} does not parse ({first}); fix its syntax") from exc
         return cls.from_dict(raw if raw is not None else {})
 
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> tuple[TunedConfig, tuple[str, ...]]:
+        """The config in an MLflow run's params (all strings), and the keys filled from the defaults.
+
+        Only the config's own keys are read; every other param (a tuner's bookkeeping,
+        ``learning_rate``, the data set) is ignored. An empty value counts as missing.
+        Values are parsed back from their string form: ``"16"``, ``"16.0"``, ``"0.01"``,
+        ``"True"``, ``"[64, 32]"``.
+
+        Example::
+
+            cfg, filled = TunedConfig.from_params({"l1": "8", "act_fn": "ReLU()", "trial": "3"})
+            cfg.l1, filled[:2]  # (8, ('epochs', 'batch_size'))
+        """
+        defaults = cls()
+        values: dict[str, Any] = {}
+        filled: list[str] = []
+        for f in fields(cls):
+            text = params.get(f.name)
+            if text is None or str(text).strip() == "":
+                filled.append(f.name)
+                continue
+            values[f.name] = _parse_param(f.name, str(text).strip(), getattr(defaults, f.name))
+        return cls.from_dict(values), tuple(filled)
+
+
+def _parse_param(key: str, text: str, default: Any) -> Any:
+    """A config value from its string form in MLflow params; validation is from_dict's job."""
+    if key == "hidden_sizes":
+        if text.lower() in ("none", "null"):
+            return None
+        try:
+            return json.loads(text.replace("(", "[").replace(")", "]"))
+        except ValueError:
+            raise XAIError(f"param hidden_sizes={text!r} is not a list of integers; log it as e.g. [64, 32]") from None
+    if isinstance(default, bool):
+        lowered = text.lower()
+        if lowered not in ("true", "false", "1", "0"):
+            raise XAIError(f"param {key}={text!r} is not a boolean; use true or false")
+        return lowered in ("true", "1")
+    if isinstance(default, int):
+        try:
+            number = float(text)
+        except ValueError:
+            raise XAIError(f"param {key}={text!r} is not an integer") from None
+        return int(number) if number.is_integer() else number  # a fraction is refused by validation
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise XAIError(f"param {key}={text!r} is not a number") from None
+    return text
+
 
 def load_config(spec: str | Path | None) -> TunedConfig:
     """The config named on the command line: a file path, or ``default``/empty for the built-in one."""

@@ -43,6 +43,7 @@ class TrainOutcome:
     registered_version: str | None = None
     interrupted: bool = False
     workdir: Path | None = None
+    config_source_run_id: str | None = None  # the tuning run the config came from
 
 
 def test_metrics(model: Any, X: np.ndarray, y: np.ndarray, task: str,
@@ -104,19 +105,37 @@ def train_and_log(
     monitor_every_n_steps: int = 50,
     monitor_histograms_every_n_epochs: int | None = None,
     quiet: bool = False,
+    config_from_run: str | None = None,
+    config_from_experiment: str | None = None,
+    metric: str | None = None,
+    mode: str = "min",
+    echo: Callable[[str], None] | None = None,
 ) -> TrainOutcome:
-    """Train the tuned config on the test part of the data and log everything to MLflow."""
+    """Train the tuned config on the test part of the data and log everything to MLflow.
+
+    The config is ``config`` (a file, ``default`` or a :class:`TunedConfig`), or the
+    params of a tuning run: ``config_from_run``, or the best finished run of the
+    experiment ``config_from_experiment`` by ``metric`` (``mode`` ``min`` or ``max``).
+    ``echo`` gets one line saying where the config came from and which keys were filled
+    from the defaults.
+    """
     from mlflow_xai.checkpoint import sha256_file
     from mlflow_xai.data import load_dataset, split_dataset
     from mlflow_xai.train import checkpoint_meta, default_workdir, fit
 
     if alias and not register_as:
         raise XAIError("--alias needs --register-as NAME: an alias names a registered model version")
+    _check_config_choice(config, config_from_run, config_from_experiment, metric, mode)
     data_spec = data or "diabetes"
     with tracking.run_context(experiment) as run:
         run_id = run.info.run_id
         tracking.set_tags({tracking.ROLE_TAG: "train"})
-        cfg = config if isinstance(config, TunedConfig) else load_config(config)
+        source_run_id = None
+        if config_from_run or config_from_experiment:
+            cfg, source_run_id = _config_from_mlflow(config_from_run, config_from_experiment, metric, mode,
+                                                     echo or (lambda _line: None))
+        else:
+            cfg = config if isinstance(config, TunedConfig) else load_config(config)
         ds = load_dataset(data_spec, target, task)
         split = split_dataset(ds, test_size=test_size, seed=seed, val_fraction=val_fraction)
         cfg.check_size(ds.X.shape[1], ds.n_out)
@@ -133,7 +152,8 @@ def train_and_log(
         out_dir = default_workdir(workdir) / run_id
         out_dir.mkdir(parents=True, exist_ok=True)
         meta = checkpoint_meta(cfg, ds, split, data_spec)
-        callbacks = [tracking.epoch_metrics_callback()]
+        epoch_metrics = tracking.epoch_metrics_callback()
+        callbacks = [epoch_metrics]
         if monitor:
             from mlflow_xai.monitor import XAIMonitor
 
@@ -147,9 +167,12 @@ def train_and_log(
             # Under DDP only rank 0 logs; the other ranks are done once the fit is.
             return TrainOutcome(run_id, run.info.experiment_id, {}, workdir=out_dir)
 
+        # From here on a lost tracking server ends with one line naming out_dir and the upload command.
+        tracking.keep_local_results(run_id, out_dir)
         config_json = out_dir / "config.json"
         config_json.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
         tracking.log_artifact(config_json)
+        epoch_metrics.flush(final=True)  # type: ignore[attr-defined] # what the server missed while training
         if result.last_checkpoint is not None:
             tracking.set_tags({tracking.CHECKSUM_TAG: sha256_file(result.last_checkpoint)})
             tracking.log_artifact(result.last_checkpoint, "checkpoints")
@@ -171,9 +194,68 @@ def train_and_log(
         version = None
         if register_as:
             version = tracking.latest_version(register_as, run_id)
+            # The version points back along the lineage: its train run and the tuning trial.
+            lineage = {tracking.TRAIN_RUN_TAG: run_id}
+            if source_run_id:
+                lineage[tracking.CONFIG_SOURCE_TAG] = source_run_id
+            tracking.tag_model_version(register_as, version, lineage)
             if alias:
                 tracking.set_alias(register_as, alias, version)
-        return TrainOutcome(run_id, run.info.experiment_id, metrics, version, workdir=out_dir)
+        return TrainOutcome(run_id, run.info.experiment_id, metrics, version, workdir=out_dir,
+                            config_source_run_id=source_run_id)
+
+
+def _check_config_choice(config: Any, from_run: str | None, from_experiment: str | None,
+                         metric: str | None, mode: str) -> None:
+    """One source of the config; the options that go with a tuning experiment."""
+    if from_run and from_experiment:
+        raise XAIError("pass either --config-from-run or --config-from-experiment, not both")
+    explicit = config is not None and not (isinstance(config, str) and config.strip() in ("", "default"))
+    if explicit and (from_run or from_experiment):
+        raise XAIError("pass either --config or --config-from-run/--config-from-experiment, not both")
+    if from_experiment and not metric:
+        raise XAIError("--config-from-experiment needs --metric NAME (e.g. val_loss) to pick the best run")
+    if metric and not from_experiment:
+        raise XAIError("--metric picks the best run of --config-from-experiment NAME; pass that too")
+    if mode not in ("min", "max"):
+        raise XAIError(f"--mode {mode!r} is invalid; use min or max")
+
+
+def _config_from_mlflow(from_run: str | None, from_experiment: str | None, metric: str | None, mode: str,
+                        echo: Callable[[str], None]) -> tuple[TunedConfig, str]:
+    """The config in a tuning run's params; tags the train run with where it came from."""
+    tags: dict[str, Any] = {}
+    if from_experiment:
+        assert metric is not None  # checked by _check_config_choice
+        src, n = tracking.best_run(from_experiment, metric, mode)
+        value = src.data.metrics[metric]
+        origin = (f"best of {n} finished run{'s' if n != 1 else ''} of experiment {from_experiment!r} "
+                  f"by {metric}={value:.6g} ({mode})")
+        tags.update({"mlflow_xai.config_source_experiment": from_experiment,
+                     "mlflow_xai.config_source_metric": metric, "mlflow_xai.config_source_mode": mode,
+                     "mlflow_xai.config_source_metric_value": value})
+    else:
+        assert from_run is not None
+        src = tracking.get_run(from_run)
+        origin = "given run"
+    run_id = src.info.run_id
+    params = src.data.params
+    valid = [f for f in TunedConfig.__dataclass_fields__]
+    if not any(params.get(k, "").strip() for k in valid):
+        raise XAIError(f"run {run_id} has none of the config keys ({', '.join(valid)}) among its params; "
+                       "pick the tuning run that logged the tuned hyperparameters")
+    try:
+        cfg, filled = TunedConfig.from_params(params)
+    except XAIError as exc:
+        raise XAIError(f"params of run {run_id}: {exc}") from exc
+    tags[tracking.CONFIG_SOURCE_TAG] = run_id
+    tags["mlflow_xai.config_defaults_filled"] = ",".join(filled) or "none"
+    tracking.set_tags(tags)
+    defaults = cfg.to_dict()
+    rest = (f"filled from the defaults: {', '.join(f'{k}={defaults[k]}' for k in filled)}" if filled
+            else "no key filled from the defaults")
+    echo(f"config from run {run_id} ({origin}); {rest}")
+    return cfg, run_id
 
 
 @dataclass
@@ -186,6 +268,9 @@ class ExplainOutcome:
 
 
 ATTRIBUTION_METHODS = ("integrated_gradients", "deep_lift", "gradient_shap", "feature_ablation")
+#: The explain run's headline metrics, also set as ``mlflow_xai.<name>`` tags on an explained model version.
+HEADLINE_METRICS = ("nan_count", "inf_count", "dead_unit_share", "max_grad_norm", "batch_loss",
+                    "ig_completeness_error_max")
 
 
 def parse_attributions(spec: str | None) -> tuple[str, ...]:
@@ -371,7 +456,7 @@ def _explain_in_run(run: Any, source: tracking.Source, tmp: Path, *, device: str
 
     dev = _resolve_device(device)
     say("2/7 downloading and verifying the checkpoint")
-    ckpt_path, sha, _ = tracking.download_checkpoint(source, tmp)
+    ckpt_path, sha, train_run = tracking.download_checkpoint(source, tmp)
     verify_checksum(ckpt_path, sha, f"run {source.run_id}")
     loaded = load_checkpoint(ckpt_path, dev)
     model, meta = loaded.model, loaded.meta
@@ -444,9 +529,17 @@ def _explain_in_run(run: Any, source: tracking.Source, tmp: Path, *, device: str
         headline["ig_completeness_error_max"] = ig["completeness_error_max"]
     tracking.log_metrics(headline)
     if source.registered_name and source.version:
+        # The registry page of the version answers "explained? how does it look? from where?".
+        lineage = {tracking.TRAIN_RUN_TAG: source.run_id}
+        if train_run.data.tags.get(tracking.CONFIG_SOURCE_TAG):
+            lineage[tracking.CONFIG_SOURCE_TAG] = train_run.data.tags[tracking.CONFIG_SOURCE_TAG]
         tracking.tag_model_version(source.registered_name, source.version, {
             tracking.EXPLAIN_RUN_TAG: run.info.run_id,
-            **{f"mlflow_xai.{k}": v for k, v in headline.items()},
+            # Every headline key, so a metric this explanation lacks drops the earlier one's tag.
+            **{f"mlflow_xai.{k}": headline.get(k) for k in HEADLINE_METRICS},
+            "mlflow_xai.explain_findings": "; ".join(diag.get("flags") or ()) or "none",
+            "mlflow_xai.explain_report": f"runs:/{run.info.run_id}/xai/report.html",
+            **lineage,
         })
     return ExplainOutcome(run.info.run_id, source, sorted(["xai/" + p for p in images] +
                           ["xai/summary.json", "xai/report.html", "xai/architecture.dot"]), warnings, summary)

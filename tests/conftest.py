@@ -49,6 +49,16 @@ def env_for(uri: str, workdir: Path) -> dict[str, str]:
     """Environment for a CLI subprocess logging to ``uri``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_XAI_WORKDIR=str(workdir))
+    # MLflow's telemetry thread can unset a variable while a request iterates os.environ
+    # (KeyError '_MLFLOW_TELEMETRY_SESSION_ID', seen offline with mlflow 3.17): a flaky test.
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     # `mlflow run --env-manager local` runs `python` from PATH: make it this interpreter.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
+
+
+# A real `mlflow server` (session-scoped) and one CLI train + explain against it: tests/mlflow_server.py.
+from tests.mlflow_server import mlflow_server, served  # noqa: E402, F401
+
+# A tuning study and two registered versions trained from it: tests/registry_study.py.
+from tests.registry_study import registry_study  # noqa: E402, F401

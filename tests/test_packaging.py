@@ -24,8 +24,11 @@ def test_conda_yaml_pip_list_equals_pyproject_dependencies() -> None:
 def test_mlproject_entry_points_and_parameters() -> None:
     spec = yaml.safe_load((REPO / "MLproject").read_text())
     assert spec["conda_env"] == "conda.yaml"
-    assert set(spec["entry_points"]["train"]["parameters"]) == {"config", "data", "target", "register_as", "alias"}
+    assert set(spec["entry_points"]["train"]["parameters"]) == {
+        "config", "data", "target", "register_as", "alias", "config_from_run", "config_from_experiment", "metric",
+        "mode"}
     assert set(spec["entry_points"]["explain"]["parameters"]) == {"run_id", "model_uri"}
+    assert set(spec["entry_points"]["compare"]["parameters"]) == {"a", "b", "fail_above"}
     for ep in spec["entry_points"].values():
         for name in ep["parameters"]:
             assert "{" + name + "}" in ep["command"]

@@ -118,6 +118,9 @@ def test_ctrl_c_marks_killed_and_keeps_the_last_checkpoint(store: str, tmp_path:
     client = MlflowClient(store)
     assert "checkpoints/last.ckpt" in _artifacts(client, run.info.run_id)
     assert run.data.tags.get("mlflow_xai.checkpoint_sha256")
+    # Epoch metrics are buffered; the interrupt still writes every finished epoch's value.
+    epochs = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss"))
+    assert epochs and epochs == list(range(len(epochs))), epochs
 
 
 @pytest.mark.slow

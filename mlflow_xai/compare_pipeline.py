@@ -1,0 +1,238 @@
+"""The compare job: two train runs or model versions, compared layer by layer, logged as a compare run.
+
+Both sides are resolved like ``explain`` resolves its source (a run id or a model URI),
+their checkpoints downloaded, checksummed and rebuilt safely; the numbers come from
+:mod:`mlflow_xai.inspect.compare`, the figures from :mod:`mlflow_xai.compare_plots`,
+the page from :mod:`mlflow_xai.compare_report`. Everything is logged under
+``xai/compare/`` of a new run tagged ``mlflow_xai.role=compare``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlflow_xai import tracking
+from mlflow_xai.errors import XAIError
+from mlflow_xai.pipeline import _explain_data, _resolve_device, progress_printer
+
+SCHEMA_VERSION = 1
+COMPARE_A_TAG = "mlflow_xai.compare_a"
+COMPARE_B_TAG = "mlflow_xai.compare_b"
+GATE_TAG = "mlflow_xai.compare_gate"
+
+
+@dataclass
+class CompareOutcome:
+    run_id: str
+    data: dict[str, Any] = field(default_factory=dict)  # what compare.json holds
+    gate_failure: str | None = None  # the one line saying which layer drifted over --fail-above
+    artifacts: list[str] = field(default_factory=list)
+
+
+def compare_and_log(
+    a: str,
+    b: str,
+    *,
+    experiment: str | None = None,
+    rows: int = 128,
+    fail_above: float | None = None,
+    device: str = "auto",
+    data: str | None = None,
+    bins: int = 50,
+    quiet: bool = False,
+) -> CompareOutcome:
+    """Compare model B with model A (each a run id or a model URI) and log the comparison.
+
+    The compare run goes beside B's train run unless ``experiment`` is given. With
+    ``fail_above``, the outcome's ``gate_failure`` names the first layer whose weight
+    drift is above it (or says that no layer is shared); the run still finishes.
+    """
+    say = progress_printer(quiet)
+    if rows < 1:
+        raise XAIError(f"--rows {rows} is invalid; use 1 or more")
+    if fail_above is not None and not (isinstance(fail_above, (int, float)) and 0 <= fail_above < math.inf):
+        raise XAIError(f"--fail-above {fail_above!r} is invalid; use a drift >= 0, e.g. 0.1")
+    say("1/5 finding both models")
+    sources: list[tracking.Source] = []
+    failure: XAIError | None = None
+    try:
+        sources = [_resolve(ref, side) for ref, side in ((a, "A"), (b, "B"))]
+    except XAIError as exc:
+        failure = exc
+    exp_id = sources[1].experiment_id if sources and not experiment else None
+    with tracking.run_context(experiment, experiment_id=exp_id) as run:
+        tracking.set_tags({tracking.ROLE_TAG: "compare", COMPARE_A_TAG: a, COMPARE_B_TAG: b})
+        if failure is not None:
+            raise failure
+        src_a, src_b = sources
+        tracking.set_tags({f"{COMPARE_A_TAG}_run_id": src_a.run_id, f"{COMPARE_B_TAG}_run_id": src_b.run_id})
+        with tempfile.TemporaryDirectory(prefix="mlflow-xai-compare-") as tmp:
+            return _compare_in_run(run.info.run_id, (a, b), (src_a, src_b), Path(tmp), rows=rows,
+                                   fail_above=fail_above, device=device, data=data, bins=bins, say=say)
+
+
+def _resolve(ref: str, side: str) -> tracking.Source:
+    ref = (ref or "").strip()
+    if not ref:
+        raise XAIError(f"model {side} is empty; pass a run id or a model URI such as models:/NAME@ALIAS")
+    if ":/" in ref:
+        return tracking.resolve_source(None, ref, None)
+    return tracking.resolve_source(ref, None, None)
+
+
+def _load_side(source: tracking.Source, dst: Path, dev: str) -> Any:
+    from mlflow_xai.checkpoint import load_checkpoint, verify_checksum
+
+    dst.mkdir()
+    path, sha, _ = tracking.download_checkpoint(source, dst)
+    verify_checksum(path, sha, f"run {source.run_id}")
+    return load_checkpoint(path, dev)
+
+
+def _inputs_for(meta: dict[str, Any], raw: np.ndarray) -> Any:
+    """The raw rows standardized as this model was trained (its own training statistics)."""
+    import torch
+
+    mean = np.asarray(meta.get("mean") or np.zeros(raw.shape[1]), dtype=np.float64)
+    std = np.asarray(meta.get("std") or np.ones(raw.shape[1]), dtype=np.float64)
+    return torch.as_tensor(((raw - mean) / std).astype(np.float32))
+
+
+def _side_dict(ref: str, source: tracking.Source, loaded: Any) -> dict[str, Any]:
+    return {"ref": ref, "run_id": source.run_id, "model_uri": source.model_uri,
+            "registered_model": source.registered_name, "version": source.version,
+            "n_params": sum(p.numel() for p in loaded.model.parameters()), "config": loaded.cfg.to_dict()}
+
+
+def _compare_in_run(run_id: str, refs: tuple[str, str], sources: tuple[tracking.Source, tracking.Source],
+                    tmp: Path, *, rows: int, fail_above: float | None, device: str, data: str | None, bins: int,
+                    say: Callable[[str], None]) -> CompareOutcome:
+    from mlflow_xai.compare_plots import drift_bars, overlaid_distributions, prediction_figure
+    from mlflow_xai.compare_report import render_compare_report
+    from mlflow_xai.data import raw_target
+    from mlflow_xai.inspect.compare import compare_activations, prediction_shift, weight_drift
+    from mlflow_xai.inspect.summary import json_safe
+    from mlflow_xai.plots import figure_to_png, heatmap
+
+    dev = _resolve_device(device)
+    say("2/5 downloading, verifying and loading both checkpoints")
+    la, lb = _load_side(sources[0], tmp / "a", dev), _load_side(sources[1], tmp / "b", dev)
+    ma, mb = la.meta, lb.meta
+    if ma["task"] != mb["task"]:
+        raise XAIError(f"A is a {ma['task']} model and B a {mb['task']} model; compare models of the same task")
+    if list(ma["feature_names"]) != list(mb["feature_names"]):
+        raise XAIError(f"A and B take different inputs ({list(ma['feature_names'])[:6]}... vs "
+                       f"{list(mb['feature_names'])[:6]}...); compare models trained on the same features")
+    task = ma["task"]
+
+    say("3/5 comparing weights, activations and predictions")
+    _, X, _ = _explain_data(ma, data, rows)
+    raw = X.astype(np.float64) * np.asarray(ma["std"]) + np.asarray(ma["mean"])  # A's test rows, raw units
+    drifts, only_a, only_b, mismatched = weight_drift(la.model, lb.model, bins=bins)
+    shifts, out_a, out_b = compare_activations(la.model, lb.model, _inputs_for(ma, raw), _inputs_for(mb, raw),
+                                               bins=bins)
+    if task == "regression":  # predictions in the target's own units, each side with its own scale
+        out_a = raw_target(out_a, float(ma.get("target_mean", 0.0)), float(ma.get("target_std", 1.0)))
+        out_b = raw_target(out_b, float(mb.get("target_mean", 0.0)), float(mb.get("target_std", 1.0)))
+    preds = prediction_shift(out_a, out_b, task)
+
+    gate_failure = None
+    top = max(drifts.items(), key=lambda kv: _nan_high(kv[1].relative_l2), default=None)
+    if fail_above is not None:
+        if top is None:
+            gate_failure = (f"A and B share no layer of the same shape, so their weight drift is unbounded "
+                            f"(--fail-above {fail_above:g})")
+        elif not top[1].relative_l2 <= fail_above:
+            over = [n for n, d in drifts.items() if not d.relative_l2 <= fail_above]
+            gate_failure = (f"layer {top[0]} drifted {top[1].relative_l2:.4g} > --fail-above {fail_above:g}"
+                            + (f" ({len(over)} layers over: {', '.join(over[:8])})" if len(over) > 1 else ""))
+    gate = None if fail_above is None else {
+        "fail_above": fail_above, "passed": gate_failure is None,
+        "message": gate_failure or f"every shared layer drifted <= {fail_above:g}"}
+
+    result: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "a": _side_dict(refs[0], sources[0], la),
+        "b": _side_dict(refs[1], sources[1], lb),
+        "data": {"data": ma.get("data"), "task": task, "rows": len(X), "feature_names": list(ma["feature_names"])},
+        "weights": {n: {"module_type": d.module_type, "shape": list(d.shape), "relative_l2": d.relative_l2,
+                        "diff_l2": d.diff_l2, "max_abs_diff": d.max_abs_diff, "bias_relative_l2": d.bias_relative_l2,
+                        "l2_a": d.stats_a.l2_norm, "l2_b": d.stats_b.l2_norm, "mean_a": d.stats_a.mean,
+                        "mean_b": d.stats_b.mean, "std_a": d.stats_a.std, "std_b": d.stats_b.std}
+                    for n, d in drifts.items()},
+        "max_drift": {"layer": top[0], "value": top[1].relative_l2} if top else None,
+        "activations": {n: {"module_type": s.module_type, "shape": list(s.shape), "relative_l2": s.relative_l2,
+                            "wasserstein": s.wasserstein, "mean_shift": s.mean_shift, "mean_a": s.stats_a.mean,
+                            "mean_b": s.stats_b.mean, "std_a": s.stats_a.std, "std_b": s.stats_b.std,
+                            "dead_share_a": s.dead_share_a, "dead_share_b": s.dead_share_b}
+                        for n, s in shifts.items()},
+        "predictions": preds.to_dict(),
+        "only_in_a": list(only_a),
+        "only_in_b": list(only_b),
+        "shape_mismatch": {n: {"a": list(sa), "b": list(sb)} for n, (sa, sb) in mismatched.items()},
+        "fail_above": fail_above,
+        "gate": gate,
+    }
+
+    say("4/5 drawing the figures")
+    labels = ("A", "B")
+    images: dict[str, bytes] = {
+        "weights/drift.png": figure_to_png(drift_bars(
+            "weight drift ||W_B \u2212 W_A|| / ||W_A||", {n: d.relative_l2 for n, d in drifts.items()},
+            threshold=fail_above)),
+        "weights/distributions.png": figure_to_png(overlaid_distributions(
+            "weights: A (blue) and B (orange)", {n: (d.hist_a, d.hist_b) for n, d in drifts.items()}, labels)),
+    }
+    for name, d in drifts.items():
+        images[f"weights/{name}.png"] = figure_to_png(heatmap(f"{name} weight B \u2212 A", d.diff))
+    images["activations/shift.png"] = figure_to_png(drift_bars(
+        "activation change ||act_B \u2212 act_A|| / ||act_A|| on the same rows",
+        {n: s.relative_l2 for n, s in shifts.items()}, xlabel="relative L2 change"))
+    images["activations/distributions.png"] = figure_to_png(overlaid_distributions(
+        "activations on the same rows: A (blue) and B (orange)",
+        {n: (s.hist_a, s.hist_b) for n, s in shifts.items()}, labels))
+    images["predictions.png"] = figure_to_png(prediction_figure(
+        preds, labels, unit=str(ma.get("target") or "") if task == "regression" else ""))
+
+    say("5/5 logging the artifacts")
+    out = tmp / "compare"
+    for path, blob in images.items():
+        (out / path).parent.mkdir(parents=True, exist_ok=True)
+        (out / path).write_bytes(blob)
+    safe = json_safe(result)
+    (out / "compare.json").write_text(json.dumps(safe, indent=2, allow_nan=False), encoding="utf-8")
+    title = f"mlflow-xai compare: {refs[0]} (A) vs {refs[1]} (B)"
+    (out / "report.html").write_text(render_compare_report(safe, images, title=title), encoding="utf-8")
+    tracking.log_artifacts(out, "xai/compare")
+    metrics: dict[str, float] = {f"weight_drift/{n}": d.relative_l2 for n, d in drifts.items()}
+    metrics.update({f"activation_change/{n}": s.relative_l2 for n, s in shifts.items()})
+    if top is not None:
+        metrics["max_weight_drift"] = top[1].relative_l2
+    for key in ("mean_abs_diff", "max_abs_diff", "rmse_diff", "agreement"):
+        value = getattr(preds, key)
+        if value is not None:
+            metrics[f"prediction_{key}"] = value
+    tracking.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
+    tags: dict[str, Any] = {"mlflow_xai.compare_layers_shared": len(drifts),
+                            "mlflow_xai.compare_only_in_a": ",".join(only_a) or "none",
+                            "mlflow_xai.compare_only_in_b": ",".join(only_b) or "none"}
+    if top is not None:
+        tags["mlflow_xai.max_drift_layer"] = top[0]
+    if gate is not None:
+        tags[GATE_TAG] = "passed" if gate["passed"] else "failed"
+    tracking.set_tags({k: str(v)[:5000] for k, v in tags.items()})
+    artifacts = sorted(["xai/compare/" + p for p in images] + ["xai/compare/compare.json",
+                                                               "xai/compare/report.html"])
+    return CompareOutcome(run_id, safe, gate_failure, artifacts)
+
+
+def _nan_high(value: float) -> float:
+    return math.inf if math.isnan(value) else value
