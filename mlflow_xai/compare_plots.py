@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import StepPatch
-from matplotlib.ticker import FuncFormatter, ScalarFormatter
+from matplotlib.ticker import FuncFormatter
 
 from mlflow_xai.plots import (
     _HIST_CELL,
@@ -26,6 +26,7 @@ from mlflow_xai.plots import (
     _inches_rect,
     _InViewLocator,
     _message_figure,
+    style_panel,
 )
 
 if TYPE_CHECKING:
@@ -116,15 +117,7 @@ def overlaid_distributions(title: str, pairs: Mapping[str, tuple[Histogram, Hist
 
 
 def _draw_pair(ax: Axes, name: str, ha: Histogram, hb: Histogram) -> None:
-    ax.set_title(name, fontsize=9, pad=3, y=1.0)
-    ax.tick_params(labelsize=7)
-    ax.xaxis.set_label_coords(0.5, 0.0)
-    ax.yaxis.set_label_coords(0.0, 0.5)
-    ax.xaxis.set_major_locator(_InViewLocator(nbins=4, steps=_NICE_STEPS))
-    formatter = ScalarFormatter()
-    formatter.set_powerlimits((-3, 4))
-    ax.xaxis.set_major_formatter(formatter)
-    ax.xaxis.get_offset_text().set_fontsize(7)
+    style_panel(ax, name)
     edges = np.asarray(ha.edges, dtype=np.float64)
     peak = 0.0
     for hist, color in ((ha, COLOR_A), (hb, COLOR_B)):

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
 
-from mlflow_xai.report import _CSS, _figure, _number, _percent, _shape, _text
+from mlflow_xai.report import _figure, _number, _percent, _shape, _text, page_head
 
 __all__ = ["render_compare_report"]
 
@@ -45,11 +45,7 @@ def render_compare_report(data: Mapping[str, Any], images: Mapping[str, bytes], 
         True
     """
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{escape(title)}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>{escape(title)}</h1>",
+        *page_head(title),
         _sides_html(data.get("a"), data.get("b")),
         _verdict_html(data),
         "<h2>Predictions</h2>",

@@ -509,9 +509,8 @@ def _label_heatmap_axes(ax: Axes, shape: tuple[int, ...]) -> None:
         ax.set_xlabel(f"dims 1-{len(shape) - 1} flattened ({rest})")
 
 
-def _draw_histogram(
-    ax: Axes, name: str, histogram: Histogram, stats: TensorStats, *, log_y: bool
-) -> None:
+def style_panel(ax: Axes, name: str) -> None:
+    """The look of one small histogram panel of a grid: title, small ticks, few of them."""
     # A fixed y stops the per-draw search for tick labels the title might overlap.
     ax.set_title(name, fontsize=9, pad=3, y=1.0)
     ax.tick_params(labelsize=7)
@@ -525,6 +524,12 @@ def _draw_histogram(
     formatter.set_powerlimits((-3, 4))
     ax.xaxis.set_major_formatter(formatter)
     ax.xaxis.get_offset_text().set_fontsize(7)
+
+
+def _draw_histogram(
+    ax: Axes, name: str, histogram: Histogram, stats: TensorStats, *, log_y: bool
+) -> None:
+    style_panel(ax, name)
     counts = np.asarray(histogram.counts, dtype=np.float64)
     edges = np.asarray(histogram.edges, dtype=np.float64)
     if counts.sum() > 0 and np.isfinite(edges).all():

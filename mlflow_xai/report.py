@@ -101,6 +101,17 @@ _META_ENTRIES = (("model_type", "model"), ("n_params", "parameters"))
 _DEAD_WARN_SHARE = 0.5
 
 
+def page_head(title: str) -> list[str]:
+    """The opening of a self-contained page: doctype, the shared style, the title heading."""
+    return [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{escape(title)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{escape(title)}</h1>",
+    ]
+
+
 def render_report(
     summary: Mapping[str, Any],
     images: Mapping[str, bytes],
@@ -147,11 +158,7 @@ def render_report(
         True
     """
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{escape(title)}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>{escape(title)}</h1>",
+        *page_head(title),
         _source_html(summary.get("source"), summary.get("meta")),
         "<h2>Diagnostics</h2>",
         _diagnostics_html(summary.get("diagnostics"), summary.get("loss")),
