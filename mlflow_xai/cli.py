@@ -119,6 +119,10 @@ def train(config: str | None, config_from_run: str | None, config_from_experimen
         config_from_run=config_from_run, config_from_experiment=config_from_experiment, metric=metric,
         mode=mode, echo=click.echo,
     )
+    from mlflow_xai.tracking import distributed_rank
+
+    if distributed_rank() > 0:
+        return  # a DDP worker process: rank 0 logged the run and prints it
     metrics = ", ".join(f"{k}={v:.4g}" for k, v in out.test_metrics.items())
     click.echo(f"train run: {out.run_id}")
     if metrics:

@@ -119,8 +119,23 @@ def keep_local_results(run_id: str, local_dir: Path) -> None:
     _LOCAL_RESULTS[run_id] = local_dir
 
 
+_CAUSES = (("Connection refused", "connection refused"), ("timed out", "timed out"),
+           ("timeout", "timed out"), ("Connection reset", "connection reset"),
+           ("Connection aborted", "connection aborted"), ("RemoteDisconnected", "connection dropped"),
+           ("too many", "error answers"), ("Max retries exceeded", "no answer"))
+
+
+def _cause(exc: BaseException) -> str:
+    """A few words for why the server did not answer, instead of MLflow's long request dump."""
+    text = str(exc)
+    for needle, words in _CAUSES:
+        if needle in text:
+            return f"{words}, after {os.environ.get('MLFLOW_HTTP_REQUEST_MAX_RETRIES', '?')} retries"
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def _unreachable_error(exc: BaseException, run_id: str) -> ServerUnreachable:
-    uri, first = tracking_uri(), str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    uri, first = tracking_uri(), _cause(exc)
     local = _LOCAL_RESULTS.get(run_id)
     if local is None:
         return ServerUnreachable(f"the tracking server {uri} stopped answering ({first}); run {run_id} is "
@@ -192,7 +207,7 @@ def run_context(experiment: str | None, run_name: str | None = None,
         if not is_unreachable(exc):
             raise
         raise XAIError(
-            f"the tracking server {tracking_uri()} does not answer ({str(exc).splitlines()[0][:200]}); "
+            f"the tracking server {tracking_uri()} does not answer ({_cause(exc)}); "
             "start it or fix MLFLOW_TRACKING_URI, then run the command again"
         ) from exc
     previous = os.environ.get(WORKER_RUN_ENV)
