@@ -21,8 +21,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mlflow_xai.inspect.attributions import METHODS, attribute
 from mlflow_xai.config import TunedConfig
+from mlflow_xai.inspect.attributions import METHODS, attribute
 
 N_FEATURES = 10
 ROWS = 177
@@ -32,7 +32,7 @@ def cookbook_mlp(l1: int, n: int = N_FEATURES) -> nn.Sequential:
     # the cookbook's width rule, from the one place that defines it
     sizes = [n, *TunedConfig(l1=l1).hidden_layer_sizes(n)]
     layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
+    for a, b in zip(sizes[:-1], sizes[1:], strict=False):
         layers += [nn.Linear(a, b), nn.ReLU()]
     layers.append(nn.Linear(sizes[-1], 1))
     return nn.Sequential(*layers)

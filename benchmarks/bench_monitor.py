@@ -52,8 +52,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from mlflow_xai.monitor import XAIMonitor
 from mlflow_xai.config import TunedConfig
+from mlflow_xai.monitor import XAIMonitor
 
 N_FEATURES, L1, ROWS, BATCH = 10, 16, 442, 32
 
@@ -66,7 +66,7 @@ class CookbookMLP(L.LightningModule):
         # the cookbook's width rule, from the one place that defines it
         sizes = [n, *TunedConfig(l1=l1).hidden_layer_sizes(n)]
         layers: list[nn.Module] = []
-        for a, b in zip(sizes[:-1], sizes[1:]):
+        for a, b in zip(sizes[:-1], sizes[1:], strict=False):
             layers += [nn.Linear(a, b), nn.ReLU()]
         layers.append(nn.Linear(sizes[-1], 1))
         self.layers = nn.Sequential(*layers)

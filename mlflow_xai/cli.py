@@ -11,7 +11,8 @@ import functools
 import logging
 import os
 import sys
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -92,19 +93,22 @@ def main() -> None:
 @click.option("--accelerator", default="auto", show_default=True, help="Lightning accelerator: auto, cpu, gpu, mps.")
 @click.option("--devices", default="auto", show_default=True, help="Lightning devices: auto or a count.")
 @click.option("--strategy", default="auto", show_default=True, help="Lightning strategy, e.g. ddp.")
+@click.option("--num-nodes", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Machines of a multi-node DDP fit (started by torchrun or SLURM's srun on each).")
 @click.option("--monitor/--no-monitor", default=True, show_default=True,
               help="Log per-layer weight/gradient/activation statistics while training.")
 @click.option("--monitor-every", default=50, show_default=True, type=int,
               help="Monitor statistics every N training steps.")
 @click.option("--histograms-every", default=None, type=int,
-              help="Distribution figures every K epochs (default: about ten over the fit; 0: none).")
+              help="Distribution figures every K epochs (default: the first and last epoch, and in between "
+                   "as often as 2% of the training time allows; 0: none).")
 @click.option("--workdir", default=None, help="Local folder for checkpoints and logs (default ./mlflow-xai-runs).")
 @click.option("--quiet", is_flag=True, help="No progress bar, only the result lines.")
 @_user_errors
 def train(config: str | None, config_from_run: str | None, config_from_experiment: str | None,
           metric: str | None, mode: str, data: str | None, target: str | None, task: str,
           experiment: str | None, register_as: str | None, alias: str | None, test_size: float, seed: int,
-          accelerator: str, devices: str, strategy: str, monitor: bool, monitor_every: int,
+          accelerator: str, devices: str, strategy: str, num_nodes: int, monitor: bool, monitor_every: int,
           histograms_every: int | None, workdir: str | None, quiet: bool) -> None:
     """Train the tuned config on the test data and log it all to MLflow."""
     from mlflow_xai.pipeline import train_and_log
@@ -114,7 +118,7 @@ def train(config: str | None, config_from_run: str | None, config_from_experimen
         config, data=data, target=target, task=task, experiment=experiment,
         register_as=register_as, alias=alias, test_size=test_size, seed=seed,
         accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices,
-        strategy=strategy, workdir=workdir, monitor=monitor, monitor_every_n_steps=monitor_every,
+        strategy=strategy, num_nodes=num_nodes, workdir=workdir, monitor=monitor, monitor_every_n_steps=monitor_every,
         monitor_histograms_every_n_epochs=histograms_every, quiet=quiet,
         config_from_run=config_from_run, config_from_experiment=config_from_experiment, metric=metric,
         mode=mode, echo=click.echo,

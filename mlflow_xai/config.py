@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from mlflow_xai.errors import XAIError
 
@@ -158,7 +159,7 @@ class TunedConfig:
     def parameter_count(self, n_in: int, n_out: int) -> int:
         """Number of parameters of the network this config builds (no allocation)."""
         widths = (n_in, *self.hidden_layer_sizes(n_in), n_out)
-        count = sum(i * o + o for i, o in zip(widths[:-1], widths[1:]))
+        count = sum(i * o + o for i, o in zip(widths[:-1], widths[1:], strict=False))
         if self.batch_norm:
             count += 2 * sum(widths[1:-1])
         return count

@@ -168,7 +168,7 @@ def _load_table(path: Path, target: str | None, task: str) -> Dataset:
                    target, "regression")
 
 
-def _infer_task(y: "object") -> Task:
+def _infer_task(y: object) -> Task:
     import pandas as pd
 
     series = y  # a pandas Series

@@ -447,7 +447,7 @@ class XAIMonitor(Callback):
         with torch.no_grad():
             nan = pending.w_norm.new_tensor(math.nan)
             u_norm = torch.stack(
-                [_norm(p.detach() - b) if b is not None else nan for p, b in zip(params, pending.before)]
+                [_norm(p.detach() - b) if b is not None else nan for p, b in zip(params, pending.before, strict=False)]
             )
             loss_bad = (
                 (~torch.isfinite(loss.detach())).any().to(u_norm.device, torch.float32).reshape(1)
@@ -618,7 +618,7 @@ class XAIMonitor(Callback):
         bad_weights: list[str] = []
         if w and step != self._weight_norm_step:
             self._weight_norm_step = step
-            for (name, _), value in zip(self._weight_layers, w):
+            for (name, _), value in zip(self._weight_layers, w, strict=False):
                 metrics[f"weight_norm/{self._keys[name]}"] = value
                 if not math.isfinite(value):
                     bad_weights.append(name)
@@ -874,7 +874,7 @@ def _hist_rows(tensors: Sequence[Tensor], bins: int = HISTOGRAM_BINS) -> np.ndar
             )
         head = torch.stack([h.to("cpu", torch.float64) for h in heads])
         counts: list[Tensor] = []
-        for f, (lo, hi, n, *_rest) in zip(flats, head.tolist()):
+        for f, (lo, hi, n, *_rest) in zip(flats, head.tolist(), strict=False):
             if n == 0:
                 counts.append(torch.zeros(bins, device=f.device))
                 continue
@@ -906,7 +906,7 @@ def _tensorboard_histograms(
 
     writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
     for kind, (names, rows) in kinds.items():
-        for name, row in zip(names, rows):
+        for name, row in zip(names, rows, strict=False):
             h = _HistRow(row)
             if h.n_finite == 0:
                 continue  # TensorBoard refuses an empty histogram
@@ -1066,7 +1066,7 @@ def _render_grid(title: str, names: Sequence[str], rows: np.ndarray) -> np.ndarr
     draw = ImageDraw.Draw(img)
     draw.text((cell_w * cols / 2, 6), title, fill="black", font=_font(13), anchor="mt")
     small = _font(11)
-    for i, (name, row) in enumerate(zip(names, rows)):
+    for i, (name, row) in enumerate(zip(names, rows, strict=False)):
         h = _HistRow(row)
         r, c = divmod(i, cols)
         x0, y0 = c * cell_w + 10, head + r * cell_h
@@ -1079,7 +1079,7 @@ def _render_grid(title: str, names: Sequence[str], rows: np.ndarray) -> np.ndarr
             ys = base - top * h.counts / peak
             px = np.concatenate([[xs[0]], np.repeat(xs, 2)[1:-1], [xs[-1]]])
             py = np.concatenate([[base], np.repeat(ys, 2), [base]])
-            draw.polygon(list(zip(px.tolist(), py.tolist())), fill="#4c72b0", outline="#2a4d7f")
+            draw.polygon(list(zip(px.tolist(), py.tolist(), strict=False)), fill="#4c72b0", outline="#2a4d7f")
             span = h.edges[-1] - h.edges[0]
             if h.edges[0] < 0 < h.edges[-1] and math.isfinite(span):
                 zx = x0 + width * (-h.edges[0]) / span  # where zero is: sign and skew at a glance

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -100,6 +101,7 @@ def train_and_log(
     accelerator: str = "auto",
     devices: int | str = "auto",
     strategy: str = "auto",
+    num_nodes: int = 1,
     workdir: str | Path | None = None,
     monitor: bool = True,
     monitor_every_n_steps: int = 50,
@@ -162,7 +164,7 @@ def train_and_log(
                 histogram_every_n_epochs=monitor_histograms_every_n_epochs, quiet=quiet,
             ))
         result = fit(cfg, ds, split, out_dir, meta, accelerator=accelerator, devices=devices,
-                     strategy=strategy, quiet=quiet, callbacks=callbacks)
+                     strategy=strategy, num_nodes=num_nodes, quiet=quiet, callbacks=callbacks)
         if not result.trainer.is_global_zero:
             # Under DDP only rank 0 logs; the other ranks are done once the fit is.
             return TrainOutcome(run_id, run.info.experiment_id, {}, workdir=out_dir)
@@ -326,8 +328,8 @@ def _attributions_stage(model: Any, X: np.ndarray, meta: dict[str, Any], methods
         err = attr.completeness_error
         entry = {
             "feature_names": names,
-            "mean_abs": {n: float(v) for n, v in zip(names, np.abs(attr.values).mean(axis=0))},
-            "mean": {n: float(v) for n, v in zip(names, attr.values.mean(axis=0))},
+            "mean_abs": {n: float(v) for n, v in zip(names, np.abs(attr.values).mean(axis=0), strict=False)},
+            "mean": {n: float(v) for n, v in zip(names, attr.values.mean(axis=0), strict=False)},
             "ranked": [[n, float(v)] for n, v in ranked],
             "completeness_error_max": float(np.max(err)) if err is not None else None,
             "completeness_error_mean": float(np.mean(err)) if err is not None else None,

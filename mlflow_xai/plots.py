@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import io
 import math
-from typing import TYPE_CHECKING, Mapping, Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from matplotlib import colormaps

@@ -11,9 +11,10 @@ from __future__ import annotations
 import base64
 import math
 import numbers
+from collections.abc import Mapping, Sequence
 from html import escape
 from pathlib import PurePosixPath
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 __all__ = ["SECTION_ORDER", "render_report"]
 

@@ -14,10 +14,11 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 from mlflow.entities import Metric, RunStatus
@@ -316,7 +317,7 @@ def log_text(text: str, artifact_file: str) -> None:
 EPOCH_METRICS_FLUSH_S = 5.0
 
 
-def epoch_metrics_callback() -> "L.Callback":
+def epoch_metrics_callback() -> L.Callback:
     """A Lightning callback logging ``train_loss`` and ``val_loss`` each epoch, step = epoch.
 
     The values are buffered and written in one ``log_batch`` call every
@@ -334,14 +335,18 @@ def epoch_metrics_callback() -> "L.Callback":
             self.last_flush = time.monotonic()
             self.error: Exception | None = None  # set when the server stopped answering
 
-        def on_train_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            # Every rank reads callback_metrics: under DDP the first read all-reduces the
+            # epoch's losses (sync_dist), a collective that rank 0 alone would enter out of
+            # step with the others' next one (the monitor's) and deadlock or abort.
+            values = trainer.callback_metrics
             if not trainer.is_global_zero or trainer.sanity_checking:
                 return
             now = int(time.time() * 1000)
             self.pending += [
-                Metric(key, float(trainer.callback_metrics[key]), now, trainer.current_epoch)
+                Metric(key, float(values[key]), now, trainer.current_epoch)
                 for key in ("train_loss", "val_loss")
-                if key in trainer.callback_metrics
+                if key in values
             ]
             if time.monotonic() - self.last_flush >= EPOCH_METRICS_FLUSH_S:
                 self.flush()
@@ -366,10 +371,10 @@ def epoch_metrics_callback() -> "L.Callback":
                 self.error = None
             self.last_flush = time.monotonic()
 
-        def on_train_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             self.flush()
 
-        def on_exception(self, trainer: "L.Trainer", pl_module: "L.LightningModule",
+        def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                          exception: BaseException) -> None:
             self.flush()
 

@@ -12,9 +12,10 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -58,12 +59,15 @@ class XAIModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self._loss(batch)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch[0]))
+        # sync_dist: under DDP the epoch value is the mean over every rank's batches (one
+        # all-reduce per epoch), so the logged loss and early stopping see the whole data.
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(batch[0]),
+                 sync_dist=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, _ = self._loss(batch)
-        self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch[0]))
+        self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=len(batch[0]), sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         opt_cls = getattr(torch.optim, self.cfg.optimizer)
@@ -95,6 +99,7 @@ def build_trainer(
     accelerator: str = "auto",
     devices: int | str = "auto",
     strategy: str = "auto",
+    num_nodes: int = 1,
     quiet: bool = False,
     callbacks: Sequence[Callback] = (),
 ) -> tuple[L.Trainer, ModelCheckpoint]:
@@ -114,6 +119,7 @@ def build_trainer(
         accelerator=accelerator,
         devices=devices,
         strategy=strategy,
+        num_nodes=num_nodes,
         callbacks=[early, checkpoint, *callbacks],
         logger=logger,
         # Lightning's bar when interactive; none under --quiet or when stderr is a file or pipe.
@@ -170,6 +176,7 @@ def fit(
     accelerator: str = "auto",
     devices: int | str = "auto",
     strategy: str = "auto",
+    num_nodes: int = 1,
     quiet: bool = False,
     callbacks: Sequence[Callback] = (),
 ) -> FitResult:
@@ -181,8 +188,8 @@ def fit(
     L.seed_everything(split.seed, workers=True, verbose=False)
     module = XAIModule(cfg, ds.X.shape[1], ds.n_out, ds.task, meta)
     trainer, ckpt = build_trainer(
-        cfg, out_dir, accelerator=accelerator, devices=devices, strategy=strategy, quiet=quiet,
-        callbacks=callbacks,
+        cfg, out_dir, accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
+        quiet=quiet, callbacks=callbacks,
     )
     train_dl, val_dl = loaders(split, ds.task, cfg.batch_size)
     interrupted = False

@@ -58,7 +58,7 @@ class MLP(nn.Module):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         mods: list[nn.Module] = []
-        for a, b in zip(sizes[:-1], sizes[1:]):
+        for a, b in zip(sizes[:-1], sizes[1:], strict=False):
             lin = nn.Linear(a, b)
             with torch.no_grad():  # seeded weights: the test does not depend on torch's global RNG
                 lin.weight.copy_(torch.randn(b, a, generator=gen) / a**0.5 * 1.5)

@@ -315,7 +315,7 @@ def explain(
                 loss_value = float(loss.detach().item())
                 if grad_params and loss.requires_grad:
                     got = torch.autograd.grad(loss, [p for _, _, p in grad_params], allow_unused=True)
-                    grads = {(n, k): g for (n, k, _), g in zip(grad_params, got) if g is not None}
+                    grads = {(n, k): g for (n, k, _), g in zip(grad_params, got, strict=False) if g is not None}
                     del got  # `grads` alone owns them, so each is freed once summarized
                 del loss
             del output
