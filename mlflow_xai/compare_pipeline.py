@@ -21,7 +21,7 @@ import numpy as np
 
 from mlflow_xai import tracking
 from mlflow_xai.errors import XAIError
-from mlflow_xai.pipeline import _explain_data, _resolve_device, progress_printer
+from mlflow_xai.pipeline import _explain_data, _resolve_device, load_source, progress_printer
 
 SCHEMA_VERSION = 1
 COMPARE_A_TAG = "mlflow_xai.compare_a"
@@ -89,12 +89,8 @@ def _resolve(ref: str, side: str) -> tracking.Source:
 
 
 def _load_side(source: tracking.Source, dst: Path, dev: str) -> Any:
-    from mlflow_xai.checkpoint import load_checkpoint, verify_checksum
-
     dst.mkdir()
-    path, sha, _ = tracking.download_checkpoint(source, dst)
-    verify_checksum(path, sha, f"run {source.run_id}")
-    return load_checkpoint(path, dev)
+    return load_source(source, dst, dev)[0]
 
 
 def _inputs_for(meta: dict[str, Any], raw: np.ndarray) -> Any:

@@ -11,7 +11,7 @@ import json
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -197,10 +197,7 @@ def train_and_log(
         if register_as:
             version = tracking.latest_version(register_as, run_id)
             # The version points back along the lineage: its train run and the tuning trial.
-            lineage = {tracking.TRAIN_RUN_TAG: run_id}
-            if source_run_id:
-                lineage[tracking.CONFIG_SOURCE_TAG] = source_run_id
-            tracking.tag_model_version(register_as, version, lineage)
+            tracking.tag_model_version(register_as, version, tracking.lineage_tags(run_id, source_run_id))
             if alias:
                 tracking.set_alias(register_as, alias, version)
         return TrainOutcome(run_id, run.info.experiment_id, metrics, version, workdir=out_dir,
@@ -241,15 +238,13 @@ def _config_from_mlflow(from_run: str | None, from_experiment: str | None, metri
         src = tracking.get_run(from_run)
         origin = "given run"
     run_id = src.info.run_id
-    params = src.data.params
-    valid = [f for f in TunedConfig.__dataclass_fields__]
-    if not any(params.get(k, "").strip() for k in valid):
-        raise XAIError(f"run {run_id} has none of the config keys ({', '.join(valid)}) among its params; "
-                       "pick the tuning run that logged the tuned hyperparameters")
     try:
-        cfg, filled = TunedConfig.from_params(params)
+        cfg, filled = TunedConfig.from_params(src.data.params)
     except XAIError as exc:
         raise XAIError(f"params of run {run_id}: {exc}") from exc
+    if len(filled) == len(fields(TunedConfig)):  # every key from the defaults: not a tuning run
+        raise XAIError(f"run {run_id} has none of the config keys ({', '.join(filled)}) among its params; "
+                       "pick the tuning run that logged the tuned hyperparameters")
     tags[tracking.CONFIG_SOURCE_TAG] = run_id
     tags["mlflow_xai.config_defaults_filled"] = ",".join(filled) or "none"
     tracking.set_tags(tags)
@@ -427,6 +422,16 @@ def explain_and_log(
                                    methods=methods, data=data, say=say)
 
 
+def load_source(source: tracking.Source, dst: Path, device: str) -> tuple[Any, Any]:
+    """The source run's checkpoint, downloaded into ``dst``, checksum-verified and loaded
+    safely on ``device``; and the train run it came from."""
+    from mlflow_xai.checkpoint import load_checkpoint, verify_checksum
+
+    path, sha, train_run = tracking.download_checkpoint(source, dst)
+    verify_checksum(path, sha, f"run {source.run_id}")
+    return load_checkpoint(path, device), train_run
+
+
 def _resolve_device(device: str) -> str:
     import torch
 
@@ -449,7 +454,6 @@ def _explain_in_run(run: Any, source: tracking.Source, tmp: Path, *, device: str
                     methods: tuple[str, ...], data: str | None, say: Callable[[str], None]) -> ExplainOutcome:
     import torch
 
-    from mlflow_xai.checkpoint import load_checkpoint, verify_checksum
     from mlflow_xai.diagram import architecture_dot, render_all
     from mlflow_xai.inspect import explain, summary_dict
     from mlflow_xai.inspect.summary import json_safe
@@ -458,9 +462,7 @@ def _explain_in_run(run: Any, source: tracking.Source, tmp: Path, *, device: str
 
     dev = _resolve_device(device)
     say("2/7 downloading and verifying the checkpoint")
-    ckpt_path, sha, train_run = tracking.download_checkpoint(source, tmp)
-    verify_checksum(ckpt_path, sha, f"run {source.run_id}")
-    loaded = load_checkpoint(ckpt_path, dev)
+    loaded, train_run = load_source(source, tmp, dev)
     model, meta = loaded.model, loaded.meta
     _, X, y = _explain_data(meta, data, batches * loaded.cfg.batch_size)
     inputs = torch.as_tensor(X)
@@ -532,9 +534,7 @@ def _explain_in_run(run: Any, source: tracking.Source, tmp: Path, *, device: str
     tracking.log_metrics(headline)
     if source.registered_name and source.version:
         # The registry page of the version answers "explained? how does it look? from where?".
-        lineage = {tracking.TRAIN_RUN_TAG: source.run_id}
-        if train_run.data.tags.get(tracking.CONFIG_SOURCE_TAG):
-            lineage[tracking.CONFIG_SOURCE_TAG] = train_run.data.tags[tracking.CONFIG_SOURCE_TAG]
+        lineage = tracking.lineage_tags(source.run_id, train_run.data.tags.get(tracking.CONFIG_SOURCE_TAG))
         tracking.tag_model_version(source.registered_name, source.version, {
             tracking.EXPLAIN_RUN_TAG: run.info.run_id,
             # Every headline key, so a metric this explanation lacks drops the earlier one's tag.

@@ -544,7 +544,6 @@ def download_checkpoint(source: Source, dst: Path) -> tuple[Path, str | None, An
         )
     staging = Path(tempfile.mkdtemp(dir=dst, prefix=".download-"))
     try:
-        local_artifact_path(staging, LAST_CKPT, f"run {source.run_id}")  # a plain relative path
         local = Path(mlflow.artifacts.download_artifacts(
             run_id=source.run_id, artifact_path=LAST_CKPT, dst_path=str(staging)
         ))
@@ -575,6 +574,14 @@ def tag_model_version(name: str, version: str, tags: Mapping[str, Any]) -> None:
                 client.delete_model_version_tag(name, version, key)
         else:
             client.set_model_version_tag(name, version, key, str(value)[:5000])  # the store's value limit
+
+
+def lineage_tags(train_run_id: str, config_source_run_id: str | None) -> dict[str, str]:
+    """The tags that lead from a model version to its train run and the tuning trial of its config."""
+    tags = {TRAIN_RUN_TAG: train_run_id}
+    if config_source_run_id:
+        tags[CONFIG_SOURCE_TAG] = config_source_run_id
+    return tags
 
 
 def best_run(experiment: str, metric: str, mode: str) -> tuple[Any, int]:
