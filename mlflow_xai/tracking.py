@@ -547,9 +547,12 @@ def download_checkpoint(source: Source, dst: Path) -> tuple[Path, str | None, An
         local = Path(mlflow.artifacts.download_artifacts(
             run_id=source.run_id, artifact_path=LAST_CKPT, dst_path=str(staging)
         ))
-        # MLflow writes a single file under its base name, directly in the staging folder.
-        if local.resolve() != staging.resolve() / Path(LAST_CKPT).name:
-            raise XAIError(f"artifact path of run {source.run_id} escapes the download folder; refusing it")
+        # Where MLflow says it wrote the file is checked like any untrusted artifact path: a
+        # plain relative path inside the staging folder, and there the checkpoint's base name.
+        owner = f"run {source.run_id}"
+        landed = local_artifact_path(staging, Path(os.path.relpath(local, staging)).as_posix(), owner)
+        if landed != staging.resolve() / Path(LAST_CKPT).name:
+            raise XAIError(f"artifact path of {owner} is not where its download should be; refusing it")
         final = dst / "last.ckpt"
         os.replace(local, final)
     except (MlflowException, OSError, ValueError) as exc:
