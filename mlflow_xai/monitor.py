@@ -10,8 +10,9 @@ Works in any user's ``lightning.Trainer``::
         trainer = lightning.Trainer(max_epochs=20, callbacks=[XAIMonitor()])
         trainer.fit(model, train_loader)
 
-What goes to the run (``<layer>`` is a qualified module name such as ``layers.0``; a
-metric's step is ``trainer.global_step``, the number of optimizer steps taken before):
+What goes to the run (``<layer>`` is a qualified module name such as ``layers.0``, in the
+LightningModule, or in its submodule ``module`` when one is given; a metric's step is
+``trainer.global_step``, the number of optimizer steps taken before):
 
 * every ``log_every_n_steps`` optimizer steps, and on the last batch of each epoch, for
   each layer with a ``weight`` parameter: ``weight_norm/<layer>`` (L2 norm of the
@@ -199,6 +200,10 @@ class XAIMonitor(Callback):
             modules for the activation statistics), qualified module names
             (``["layers.0", "layers.1"]``) or a predicate ``(name, module) -> bool``
             choosing among those.
+        module: Qualified name of the submodule of the LightningModule that holds the
+            network (``"net"`` for ``self.net = MLP(...)``): only its layers are watched,
+            and named relative to it, as ``mlflow_xai.explain`` names the same network
+            (``layers.0``, not ``net.layers.0``). ``None``: the whole LightningModule.
         tensorboard: Also write the histograms to the trainer's TensorBoard loggers.
         quiet: Do not print alert lines (they are still logged as metrics and tags).
 
@@ -226,8 +231,11 @@ class XAIMonitor(Callback):
         layers: LayerSelection = None,
         tensorboard: bool = True,
         quiet: bool = False,
+        module: str | None = None,
     ) -> None:
         super().__init__()
+        if module is not None and (not isinstance(module, str) or not module):
+            raise XAIError(f"module must be a submodule's qualified name such as 'net', got {module!r}")
         if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
             raise XAIError(f"log_every_n_steps must be an integer >= 1, got {log_every_n_steps!r}")
         if histogram_every_n_epochs is not None and (
@@ -254,6 +262,7 @@ class XAIMonitor(Callback):
         self.histogram_every_n_epochs = histogram_every_n_epochs
         self.monitor_batch = monitor_batch
         self.layers = layers
+        self.module = module
         self.tensorboard = tensorboard
         self.quiet = quiet
         self.alerts: dict[str, str] = {}
@@ -301,8 +310,9 @@ class XAIMonitor(Callback):
         self._close_writer()
         self._reset()
         self.alerts = {}
-        self._rank = {n: i for i, (n, _) in enumerate(pl_module.named_modules())}
-        chosen = [(n, m) for n, m in resolve_layers(pl_module, self.layers, default=_default_layer) if n]
+        root = self._root(pl_module)
+        self._rank = {n: i for i, (n, _) in enumerate(root.named_modules())}
+        chosen = [(n, m) for n, m in resolve_layers(root, self.layers, default=_default_layer) if n]
         acts = chosen
         if self.layers is None or callable(self.layers):
             # "Activations" are the activation modules' outputs; the Linear/Conv outputs
@@ -343,6 +353,19 @@ class XAIMonitor(Callback):
             self._last_flush = time.monotonic()
         if self.monitor_batch is not None:
             self._x = self.monitor_batch.detach()
+
+    def _root(self, pl_module: LightningModule) -> nn.Module:
+        """The module whose layers are watched (and named from): ``module``, or the whole."""
+        if self.module is None:
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.module)
+        except AttributeError:
+            children = ", ".join(repr(n) for n, _ in pl_module.named_children()) or "none"
+            raise XAIError(
+                f"XAIMonitor(module={self.module!r}): {type(pl_module).__name__} has no such submodule; "
+                f"its direct submodules are {children}"
+            ) from None
 
     def _resolve_run(self, trainer: Trainer) -> tuple[MlflowClient, str]:
         import mlflow

@@ -162,6 +162,7 @@ def train_and_log(
             callbacks.append(XAIMonitor(
                 run_id=run_id, log_every_n_steps=monitor_every_n_steps,
                 histogram_every_n_epochs=monitor_histograms_every_n_epochs, quiet=quiet,
+                module="net",  # layer names as explain gives them: layers.0, not net.layers.0
             ))
         result = fit(cfg, ds, split, out_dir, meta, accelerator=accelerator, devices=devices,
                      strategy=strategy, num_nodes=num_nodes, quiet=quiet, callbacks=callbacks)

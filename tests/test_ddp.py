@@ -45,7 +45,7 @@ def test_ddp_two_cpu_processes_one_run_logged_once(mlflow_server: MlflowServer, 
     epochs = int(run.data.metrics["epochs_run"])
     for key in ("train_loss", "val_loss"):
         assert [m.step for m in client.get_metric_history(rid, key)] == list(range(epochs)), key  # once each
-    grad_steps = [m.step for m in client.get_metric_history(rid, "grad_norm/net.layers.0")]
+    grad_steps = [m.step for m in client.get_metric_history(rid, "grad_norm/layers.0")]
     assert grad_steps and len(grad_steps) == len(set(grad_steps))
     # 141 fit rows split over 2 ranks of 32-row batches: 3 steps an epoch, not 5.
     assert max(grad_steps) < epochs * 3

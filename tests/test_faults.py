@@ -91,7 +91,7 @@ def test_server_restarted_within_the_retry_window_loses_nothing(
     for key in ("train_loss", "val_loss"):
         assert [m.step for m in client.get_metric_history(out.run_id, key)] == list(range(epochs)), key
     assert {"test_loss", "test_rmse", "test_mae", "test_r2"} <= set(run.data.metrics)
-    grad_steps = [m.step for m in client.get_metric_history(out.run_id, "grad_norm/net.layers.0")]
+    grad_steps = [m.step for m in client.get_metric_history(out.run_id, "grad_norm/layers.0")]
     assert grad_steps == sorted(set(grad_steps)) and grad_steps[-1] >= (epochs - 1) * 17  # to the last epoch
     arts = snapshot(client, out.run_id)["artifacts"]
     assert {"config.json", "checkpoints/last.ckpt", "checkpoints/best.ckpt"} <= arts

@@ -402,6 +402,20 @@ def test_layer_selection_by_name(client: MlflowClient) -> None:
     assert {k.split("/", 1)[1] for k in keys} == {"net.2", "net.3"}
 
 
+def test_module_names_layers_as_the_network_does(client: MlflowClient) -> None:
+    # mlflow-xai train watches XAIModule.net this way: 'layers.0' as explain names it.
+    monitor = XAIMonitor(module="net", histogram_every_n_epochs=1)
+    run_id = fit_in_run(TinyNet(), monitor, epochs=1)
+    keys = set(client.get_run(run_id).data.metrics)
+    assert {k.split("/", 1)[1] for k in keys if not k.startswith("alert/")} == {"0", "1", "2", "3", "4"}
+    assert "grad_norm/0" in keys and "dead_share/1" in keys
+    with pytest.raises(XAIError, match=r"module='body'\): TinyNet has no such submodule; .* 'net'"):
+        with mlflow.start_run():
+            trainer(XAIMonitor(module="body")).fit(TinyNet(), loader())
+    with pytest.raises(XAIError, match="module must be"):
+        XAIMonitor(module="")
+
+
 def test_chunks_never_split_a_step() -> None:
     from mlflow.entities import Metric
 
