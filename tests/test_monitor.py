@@ -246,7 +246,26 @@ def test_histogram_images_step_through_epochs(client: MlflowClient) -> None:
 
     local = client.download_artifacts(run_id, f"images/{next(f for f in files if f.endswith('.png'))}")
     with Image.open(local) as im:
-        assert im.mode == "RGB" and im.width > 100 and im.height > 50
+        # A palette PNG that still shows the bars in their colour (#4c72b0) on white.
+        assert im.mode == "P" and im.width > 100 and im.height > 50
+        colours = {rgb for _, rgb in im.convert("RGB").getcolors(maxcolors=256)}
+    assert {(255, 255, 255), (76, 114, 176)} <= colours
+
+
+def test_stored_images_keep_the_drawing_colours() -> None:
+    from mlflow_xai.monitor import _paletted, _render_grid
+
+    rows = np.zeros((3, monitor_mod.HISTOGRAM_BINS + 6))
+    rows[:, : monitor_mod.HISTOGRAM_BINS] = np.arange(monitor_mod.HISTOGRAM_BINS) % 7
+    rows[:, -6:] = [-1.0, 2.0, 100.0, 0.0, 0.0, 100.0]  # lo, hi, finite, sum, sum sq, numel
+    rows[2, -1] = 103.0  # three NaN/Inf: the label goes magenta
+    drawn = _render_grid("weights - epoch 0, step 0", ["a", "b", "c"], rows)
+    stored = _paletted(drawn)
+    assert stored.mode == "P"
+    rgb, back = np.asarray(drawn).astype(int), np.asarray(stored.convert("RGB")).astype(int)
+    flat = (rgb == back).all(axis=2)
+    assert flat.mean() > 0.97  # paper, bars, lines: exact
+    assert np.abs(rgb - back).max() <= 24  # antialiased edges: within a few levels
 
 
 def test_histogram_every_n_epochs_picks_epochs_and_the_last(client: MlflowClient) -> None:
