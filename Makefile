@@ -12,6 +12,9 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# Two pytest-xdist workers; the tests that share a server or a registry study share a
+# worker (tests/conftest.py). PYTEST_WORKERS= runs the suite in one process.
+PYTEST_WORKERS ?= -n 2 --dist loadgroup
 
 .PHONY: install demo test test-fast ui-deps lint clean-demo
 
@@ -35,10 +38,10 @@ demo: install
 	@echo "             and the explain run (artifacts xai/report.html, xai/weights/, xai/activations/, xai/gradients/)"
 
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check mlflow_xai tests benchmarks

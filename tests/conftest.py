@@ -63,3 +63,16 @@ from tests.mlflow_server import mlflow_server, served  # noqa: E402, F401
 
 # A tuning study and two registered versions trained from it: tests/registry_study.py.
 from tests.registry_study import registry_study  # noqa: E402, F401
+
+# `make test` runs the suite on two pytest-xdist workers with --dist loadgroup. Each
+# session fixture above costs tens of seconds (a server, CLI trainings), so all the tests
+# that need one share a worker; every other file stays whole on one worker, so its
+# module-scoped fixtures are built once.
+_SHARED_FIXTURE_GROUPS = {"mlflow_server": "server", "served": "server", "registry_study": "registry"}
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    # At collection of each item: xdist reads the groups in its collection_modifyitems.
+    needs = set(getattr(item, "fixturenames", ()))
+    group = next((g for f, g in _SHARED_FIXTURE_GROUPS.items() if f in needs), item.path.stem)
+    item.add_marker(pytest.mark.xdist_group(group))
