@@ -10,6 +10,9 @@ exactly 30 epochs) run alternately in one process (imports warm), ``--repeats`` 
   the data loading and split are timed too, as ``train_and_log`` does them;
 * ``lightning defaults``: ``plain`` with what a ``Trainer`` does out of the box: its
   default ModelCheckpoint (the latest epoch) and TensorBoardLogger;
+* ``same trainer``: the Trainer mlflow-xai fits with (``mlflow_xai.train.build_trainer``:
+  EarlyStopping, ModelCheckpoint last + best, TensorBoardLogger), without MLflow: what
+  the cookbook's Lightning workflow does, so ``mlflow-xai`` over it is MLflow's own cost;
 * ``mlflow-xai``: ``mlflow_xai.pipeline.train_and_log(..., monitor=False, quiet=True)``:
   the fit with last/best checkpoints, TensorBoard and per-epoch metrics, then the
   artifacts (config, checkpoints, event files), the test metrics and the MLflow model
@@ -160,6 +163,11 @@ def plain_fit(cfg: TunedConfig, part: str | None = None, tmp: Path | None = None
     with stack:
         if part == "metrics":
             callbacks.append(tracking.epoch_metrics_callback())
+        if part == "same":
+            assert tmp is not None
+            trainer, _ = train_mod.build_trainer(cfg, tmp / "parts" / str(time.monotonic_ns()), quiet=True)
+            trainer.fit(module, train_dl, val_dl)
+            return time.perf_counter() - start, int(trainer.current_epoch)
         trainer = L.Trainer(
             max_epochs=cfg.epochs,
             accelerator="auto",
@@ -208,7 +216,7 @@ def main() -> None:
     n_params = cfg.parameter_count(10, 1)
     timer = StageTimer()
     variants: dict[str, dict[str, Any] | str | None] = {
-        "plain": None, "lightning defaults": "defaults", "mlflow-xai": {"monitor": False}}
+        "plain": None, "lightning defaults": "defaults", "same trainer": "same", "mlflow-xai": {"monitor": False}}
     if not args.no_monitor:
         variants["+monitor"] = {"monitor": True}
     if args.monitor_hist is not None:
@@ -266,6 +274,10 @@ def main() -> None:
               + " ".join(f"{t:.2f}" for t in ts))
     print("ratio: against 'plain' (no checkpoint, no logger); cpu/def: CPU time against 'lightning "
           "defaults' (a Trainer as it comes: latest-epoch checkpoint, TensorBoard)")
+    same, same_cpu = statistics.median(times["same trainer"]), statistics.median(cpus["same trainer"])
+    xai, xai_cpu = statistics.median(times["mlflow-xai"]), statistics.median(cpus["mlflow-xai"])
+    print(f"mlflow-xai against 'same trainer' (mlflow_xai.train.build_trainer without MLflow: early "
+          f"stopping, last+best checkpoints, TensorBoard): wall {xai / same:.3f}, cpu {xai_cpu / same_cpu:.3f}")
 
     print("\nbreakdown (median s per stage; fit = Lightning fit with checkpoints, TensorBoard, "
           "per-epoch metrics[, monitor])")
