@@ -6,6 +6,7 @@ without importing torch or MLflow::
     import mlflow_xai
     expl = mlflow_xai.explain(model, inputs, targets)
     expl.weights["layers.0"].stats.mean
+    diff = mlflow_xai.compare(model_a, model_b, inputs)  # weight drift, activation and prediction shift
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ _EXPORTS = {
     "Explanation": "mlflow_xai.inspect",
     "attribute": "mlflow_xai.inspect.attributions",
     "conductance": "mlflow_xai.inspect.attributions",
+    "compare": "mlflow_xai.inspect.compare",
+    "Comparison": "mlflow_xai.inspect.compare",
     "XAIMonitor": "mlflow_xai.monitor",
 }
 

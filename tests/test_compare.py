@@ -18,10 +18,11 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from torch import nn
 
+import mlflow_xai
 from mlflow_xai.checkpoint import load_checkpoint, sha256_file
 from mlflow_xai.cli import main
 from mlflow_xai.errors import XAIError
-from mlflow_xai.inspect.compare import compare, prediction_shift, weight_drift
+from mlflow_xai.inspect.compare import prediction_shift, weight_drift
 from tests.conftest import _isolate
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -242,7 +243,8 @@ def test_compare_activations_predictions_and_training_flags() -> None:
                       _linear([[1.0, 1.0]], [0.0]))
     a.train()
     x = torch.tensor([[1.0, 1.0], [2.0, -1.0]])
-    cmp = compare(a, b, x)
+    cmp = mlflow_xai.compare(a, b, x)  # the top-level name of mlflow_xai.inspect.compare.compare
+    assert isinstance(cmp, mlflow_xai.Comparison)
     assert a.training and all(m.training for m in a.modules())  # flags restored
     assert "2" not in cmp.activations  # dropout is the identity in eval mode
     relu = cmp.activations["1"]
