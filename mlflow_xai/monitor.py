@@ -284,6 +284,7 @@ class XAIMonitor(Callback):
         self._grads_may_overflow = False
         self._pending: _Pending | None = None
         self._grad_hist: tuple[list[str], np.ndarray] | None = None
+        self._last_grads: list[tuple[str, Tensor]] = []  # the epoch's last measured gradients
         self._history: dict[str, deque[float]] = {}
         self._weight_norm_step = -1  # the step whose weight_norm is already logged
         self._last_epoch = -1  # the last epoch whose end the monitor saw
@@ -408,6 +409,7 @@ class XAIMonitor(Callback):
             return
         if self._x is None:
             self._capture_batch(batch)
+        self._last_grads = []  # training goes on: the last snapshot will not need them
         n = trainer.num_training_batches
         # The last batch of an epoch is always measured, so every epoch has gradient
         # statistics (and its gradient histogram) even when it is shorter than N steps.
@@ -445,6 +447,12 @@ class XAIMonitor(Callback):
             before = [p.detach().clone() if p.requires_grad else None for p in params]
         self._pending = _Pending(step, w_norm, g_norm, [p.grad is not None for p in params], before)
         self._measured_last_batch = self._is_last_batch
+        if self._is_last_batch and self._logs and self._every(trainer) != 0:
+            # References, not copies: before validation Lightning sets .grad to None
+            # (on_validation_model_zero_grad), and if this epoch turns out to be the last,
+            # the snapshot at on_train_end still has its gradients. Dropped when the next
+            # batch starts, so they never coexist with the next step's gradients.
+            self._last_grads = [(n, p.grad) for n, p in self._weight_layers if p.grad is not None]
         if self._logs and self._histogram_epoch(trainer) and (
             self._is_last_batch or trainer.num_training_batches == float("inf")
         ):
@@ -518,8 +526,10 @@ class XAIMonitor(Callback):
         epoch = self._last_epoch
         if not self._logs or self._every(trainer) == 0 or epoch < 0 or epoch == self._histogram_logged_epoch:
             return
-        # The final step's gradients are still in .grad: zero_grad runs before a step.
-        grads = [(n, p.grad) for n, p in self._weight_layers if p.grad is not None]
+        # The final step's gradients: still in .grad without a validation loop (zero_grad
+        # runs before a step), else the references kept at the epoch's last batch.
+        grads = [(n, p.grad) for n, p in self._weight_layers if p.grad is not None] or self._last_grads
+        self._last_grads = []
         if grads:
             self._grad_hist = ([n for n, _ in grads], _hist_rows([g for _, g in grads]))
         # Rank 0 alone: this forward feeds only the activation histogram, no collective.
@@ -539,6 +549,7 @@ class XAIMonitor(Callback):
             self.flush()
             self._close_writer()
             self._pending = None
+            self._last_grads = []
             self._x = None  # a monitor kept after fit should not pin a device batch
 
     # ---------------------------------------------------------- measurement

@@ -489,6 +489,32 @@ def test_a_last_snapshot_when_training_stops_early(client: MlflowClient) -> None
         assert epochs == [0, 1], key
 
 
+def test_the_last_snapshot_has_gradients_after_a_validation_loop(client: MlflowClient) -> None:
+    # Lightning sets .grad to None before each validation (on_validation_model_zero_grad),
+    # so after early stopping the final step's gradients are no longer on the parameters.
+    class WithValidation(TinyNet):
+        def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+            self.log("val_loss", nn.functional.mse_loss(self(batch[0]), batch[1]))
+
+    class StopAfterEpoch2(L.Callback):
+        def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if trainer.current_epoch == 2:
+                trainer.should_stop = True
+
+    monitor = XAIMonitor(histogram_every_n_epochs=5)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="lightning")
+        with mlflow.start_run() as run:
+            L.Trainer(max_epochs=10, logger=False, callbacks=[monitor, StopAfterEpoch2()],
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0).fit(WithValidation(), loader(), loader(1))
+    files = [Path(f.path).name for f in client.list_artifacts(run.info.run_id, "images")]
+    for key in ("xai_weights", "xai_gradients", "xai_activations"):
+        epochs = sorted(int(f.split("+")[2]) for f in files if f.startswith(f"{key}+") and f.endswith(".png"))
+        assert epochs == [0, 2], key
+    assert monitor._last_grads == []  # nothing kept after the fit
+
+
 def _image_epochs(client: MlflowClient, run_id: str) -> list[int]:
     files = [Path(f.path).name for f in client.list_artifacts(run_id, "images")]
     return sorted(int(f.split("+")[2]) for f in files if f.startswith("xai_weights+") and f.endswith(".png"))
