@@ -163,23 +163,22 @@ def plain_fit(cfg: TunedConfig, part: str | None = None, tmp: Path | None = None
     with stack:
         if part == "metrics":
             callbacks.append(tracking.epoch_metrics_callback())
-        if part == "same":
+        if part == "same":  # mlflow-xai's own Trainer, nothing of MLflow
             assert tmp is not None
             trainer, _ = train_mod.build_trainer(cfg, tmp / "parts" / str(time.monotonic_ns()), quiet=True)
-            trainer.fit(module, train_dl, val_dl)
-            return time.perf_counter() - start, int(trainer.current_epoch)
-        trainer = L.Trainer(
-            max_epochs=cfg.epochs,
-            accelerator="auto",
-            callbacks=[EarlyStopping(monitor="val_loss", mode="min", patience=cfg.patience), *callbacks],
-            logger=logger,
-            default_root_dir=root,
-            enable_checkpointing=part in ("ckpt", "defaults"),
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            log_every_n_steps=1,
-        )
+        else:
+            trainer = L.Trainer(
+                max_epochs=cfg.epochs,
+                accelerator="auto",
+                callbacks=[EarlyStopping(monitor="val_loss", mode="min", patience=cfg.patience), *callbacks],
+                logger=logger,
+                default_root_dir=root,
+                enable_checkpointing=part in ("ckpt", "defaults"),
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                log_every_n_steps=1,
+            )
         trainer.fit(module, train_dl, val_dl)
     return time.perf_counter() - start, int(trainer.current_epoch)
 
