@@ -140,7 +140,8 @@ def train(config: str | None, config_from_run: str | None, config_from_experimen
 @main.command()
 @click.option("--run-id", default=None, callback=_empty_is_none, help="Explain this train run.")
 @click.option("--model-uri", default=None, callback=_empty_is_none,
-              help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/...")
+              help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/MODEL_ID or runs:/RUN_ID/PATH: "
+                   "a train run's model or any MLflow PyTorch model.")
 @click.option("--experiment", default=None, callback=_empty_is_none,
               help="Where to find the latest train run, and where the explain run goes "
                    "(default: beside the run it explains).")
@@ -153,12 +154,28 @@ def train(config: str | None, config_from_run: str | None, config_from_experimen
               help="Attribution methods: all, none, or a comma-separated list of integrated_gradients, "
                    "deep_lift, gradient_shap, feature_ablation.")
 @click.option("--data", default=None, callback=_empty_is_none,
-              help="The training table, if it is no longer where the train run read it.")
+              help="Our train runs: the training table, if it is no longer where the run read it. Any other "
+                   "model: a CSV/TSV/Parquet table (with --target) or an .npy/.npz file of inputs "
+                   "(default: the model's input example).")
+@click.option("--target", default=None, callback=_empty_is_none,
+              help="Label column of --data (a model mlflow-xai did not train): gradients of the loss.")
+@click.option("--task", type=click.Choice(["auto", "regression", "classification"]), default="auto",
+              show_default=True, help="A model mlflow-xai did not train: auto is regression for one output "
+                                      "column, classification for more.")
+@click.option("--rows", default=None, type=click.IntRange(min=1),
+              help="A model mlflow-xai did not train: explain on this many rows of --data "
+                   "(default 64 per --batches).")
+@click.option("--allow-pickle", is_flag=True,
+              help="Load a pickled model (as mlflow.pytorch.autolog logs it). Unpickling runs code from the "
+                   "artifact: only for models you trust.")
+@click.option("--allow-pickle-value", "allow_pickle_value", type=click.BOOL, default=False, hidden=True,
+              help="--allow-pickle as a value (true/false), for the MLproject's allow_pickle parameter.")
 @click.option("--quiet", is_flag=True, help="No progress lines, only the result lines.")
 @_user_errors
 def explain(run_id: str | None, model_uri: str | None, experiment: str | None, device: str, batches: int,
-            absolute: bool, attributions: str, data: str | None, quiet: bool) -> None:
-    """Explain a trained model and log the explanation as MLflow artifacts."""
+            absolute: bool, attributions: str, data: str | None, target: str | None, task: str,
+            rows: int | None, allow_pickle: bool, allow_pickle_value: bool, quiet: bool) -> None:
+    """Explain a model (a train run's, a registered version, any MLflow PyTorch model) and log it."""
     import gc
 
     import matplotlib.figure  # noqa: F401 - imported before gc.freeze below
@@ -172,12 +189,16 @@ def explain(run_id: str | None, model_uri: str | None, experiment: str | None, d
     gc.freeze()
     out = explain_and_log(run_id=run_id, model_uri=model_uri, experiment=experiment, device=device,
                           batches=batches, absolute=absolute, attributions=attributions, data=data,
+                          target=target, task=task, rows=rows, allow_pickle=allow_pickle or allow_pickle_value,
                           quiet=quiet)
     for msg in out.warnings:
         click.echo(f"mlflow-xai: warning: {msg}", err=True)
     for flag in out.summary.get("diagnostics", {}).get("flags", []):
         click.echo(f"finding: {flag}")
-    click.echo(f"explain run: {out.run_id} (explains train run {out.source.run_id})")
+    if out.source.kind == "checkpoint":
+        click.echo(f"explain run: {out.run_id} (explains train run {out.source.run_id})")
+    else:
+        click.echo(f"explain run: {out.run_id} (explains {out.source.model_uri})")
     click.echo(f"report: artifact xai/report.html of run {out.run_id}")
     click.echo(f"see it: {_ui_hint()}")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -108,7 +108,8 @@ def load_dataset(
     return _load_table(Path(spec), target, task)
 
 
-def _load_table(path: Path, target: str | None, task: str) -> Dataset:
+def read_table(path: Path) -> Any:
+    """A CSV, TSV or Parquet file as a pandas DataFrame, with one clear line for any reader error."""
     import pandas as pd
 
     if not path.is_file():
@@ -130,6 +131,13 @@ def _load_table(path: Path, target: str | None, task: str) -> Dataset:
         raise XAIError(f"data file {str(path)!r} could not be read ({first}); check its format") from exc
     if df.empty or len(df.columns) == 0:
         raise XAIError(f"data file {str(path)!r} is empty; it needs a header and at least a few rows")
+    return df
+
+
+def _load_table(path: Path, target: str | None, task: str) -> Dataset:
+    import pandas as pd
+
+    df = read_table(path)
     if not target:
         raise XAIError(f"no target column given for {str(path)!r}; pass --target COLUMN")
     if target not in df.columns:

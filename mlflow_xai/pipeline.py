@@ -308,18 +308,28 @@ def _explain_data(meta: dict[str, Any], data_override: str | None, batch_rows: i
 
 
 def _attributions_stage(model: Any, X: np.ndarray, meta: dict[str, Any], methods: tuple[str, ...],
-                        baseline: np.ndarray, out: Path, images: dict[str, bytes]) -> dict[str, Any]:
-    """Feature attributions per method, the conductance of every hidden layer, and their figures."""
+                        baseline: np.ndarray, out: Path, images: dict[str, bytes], warnings: list[str],
+                        baseline_note: str = "training mean (0 after standardization)") -> dict[str, Any]:
+    """Feature attributions per method, the conductance of every hidden layer, and their figures.
+
+    A method that cannot run on this model (captum's DeepLift on a module the forward
+    calls twice, say) is left out with a warning instead of failing the explanation.
+    """
     from mlflow_xai.attribution_plots import attribution_bar, conductance_figure, weights_vs_conductance
     from mlflow_xai.inspect.attributions import attribute_with_error, conductance, rank_features
     from mlflow_xai.plots import figure_to_png
 
     task = meta["task"]
     names = list(meta["feature_names"])
-    section: dict[str, Any] = {"baseline": "training mean (0 after standardization)", "methods": {}}
+    section: dict[str, Any] = {"baseline": baseline_note, "methods": {}}
     (out / "attributions").mkdir(exist_ok=True)
     for method in methods:
-        attr = attribute_with_error(model, X, method, baselines=baseline, task=task)  # type: ignore[arg-type]
+        try:
+            attr = attribute_with_error(model, X, method, baselines=baseline, task=task)  # type: ignore[arg-type]
+        except (RuntimeError, AssertionError, TypeError, ValueError, XAIError) as exc:
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            warnings.append(f"attribution method {method} skipped: it failed on this model ({first})")
+            continue
         ranked = rank_features(attr.values, names)
         err = attr.completeness_error
         entry = {
@@ -347,6 +357,12 @@ def _attributions_stage(model: Any, X: np.ndarray, meta: dict[str, Any], methods
               and not list(m.children()) and type(m).__name__ in _ACTIVATION_NAMES]
     (out / "conductance").mkdir(exist_ok=True)
     cond_means: dict[str, list[float]] = {}
+    reused = {name.split("@", 1)[0] for name in _called_names(model, X) if "@" in name}
+    skipped = [b for b in blocks if b in reused]
+    if skipped:
+        warnings.append(f"conductance skipped for {', '.join(skipped)}: the forward calls "
+                        f"{'them' if len(skipped) > 1 else 'it'} more than once")
+    blocks = [b for b in blocks if b not in reused]
     for layer in blocks:
         cond = conductance(model, X, layer, baselines=baseline, task=task)
         per_unit = cond.mean(axis=0)
@@ -366,6 +382,19 @@ def _attributions_stage(model: Any, X: np.ndarray, meta: dict[str, Any], methods
         json.dumps({"layers": cond_means}, indent=2), encoding="utf-8")
     section["conductance_layers"] = blocks
     return section
+
+
+def _called_names(model: Any, X: np.ndarray) -> list[str]:
+    """Every leaf's call in one forward pass on a row of ``X``: ``name``, then ``name@1`` ..."""
+    import torch
+
+    from mlflow_xai.inspect.core import eval_mode
+    from mlflow_xai.inspect.hooks import record_outputs, resolve_layers
+
+    with eval_mode(model), torch.no_grad(), record_outputs(model, resolve_layers(model, None), per_call=True) as rec:
+        rec.begin_pass()
+        model(torch.as_tensor(X[:1], device=next(model.parameters()).device))
+    return list(rec.order)
 
 
 _ACTIVATION_NAMES = {"ReLU", "LeakyReLU", "Tanh", "Sigmoid", "ELU", "SiLU", "GELU", "SELU", "Softplus", "ReLU6"}
@@ -396,13 +425,29 @@ def explain_and_log(
     absolute: bool = False,
     attributions: str | None = "all",
     data: str | None = None,
+    target: str | None = None,
+    task: str = "auto",
+    allow_pickle: bool = False,
+    rows: int | None = None,
     quiet: bool = False,
 ) -> ExplainOutcome:
-    """Pull the model of a train run (or model version), explain it and log the explanation."""
+    """Pull a model (a train run's, a model version, any MLflow PyTorch model), explain it and log it.
+
+    Our own train runs are explained on their test part, rebuilt from their checkpoint.
+    Any other MLflow PyTorch model is explained on ``data`` (a table with ``target``, or an
+    ``.npy``/``.npz`` file; default: its input example), its first ``rows`` rows (default
+    ``64 * batches``); a pickled model only with ``allow_pickle``.
+    """
     say = progress_printer(quiet)
     if batches < 1:
         raise XAIError(f"--batches {batches} is invalid; use 1 or more")
+    if rows is not None and rows < 1:
+        raise XAIError(f"--rows {rows} is invalid; use 1 or more")
+    if task not in ("auto", "regression", "classification"):
+        raise XAIError(f"--task {task!r} is not supported; use auto, regression or classification")
     methods = parse_attributions(attributions)
+    options = _ExplainOptions(device=device, batches=batches, absolute=absolute, methods=methods, data=data,
+                              target=target, task=task, allow_pickle=allow_pickle, rows=rows)
     source: tracking.Source | None = None
     failure: XAIError | None = None
     say("1/7 finding the model")
@@ -419,8 +464,134 @@ def explain_and_log(
         assert source is not None
         tracking.set_tags({tracking.SOURCE_RUN_TAG: source.run_id, tracking.SOURCE_URI_TAG: source.model_uri})
         with tempfile.TemporaryDirectory(prefix="mlflow-xai-") as tmp:
-            return _explain_in_run(run, source, Path(tmp), device=device, batches=batches, absolute=absolute,
-                                   methods=methods, data=data, say=say)
+            return explain_in_run(run, source, Path(tmp), options, say)
+
+
+@dataclass(frozen=True)
+class _ExplainOptions:
+    device: str = "auto"
+    batches: int = 1
+    absolute: bool = False
+    methods: tuple[str, ...] = ATTRIBUTION_METHODS
+    data: str | None = None
+    target: str | None = None
+    task: str = "auto"
+    allow_pickle: bool = False
+    rows: int | None = None
+
+
+@dataclass
+class _Subject:
+    """A loaded model and the batch to explain it on, whichever way it came."""
+
+    model: Any
+    inputs: Any  # tensor, batch first
+    targets: Any  # tensor or None
+    loss_fn: Any  # None: the default loss for the targets
+    task: str
+    feature_names: list[str] | None
+    data: dict[str, Any]  # summary.json's "data"
+    baseline: np.ndarray | None  # attribution baseline; None: no attributions on these inputs
+    gradient_of: str
+    train_run: Any = None
+    batch_size: int | None = None  # the one batch size the model takes, if fixed
+    warnings: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)  # summary.json "meta" additions
+
+
+def _checkpoint_subject(source: tracking.Source, tmp: Path, dev: str, opts: _ExplainOptions,
+                        say: Callable[[str], None]) -> _Subject:
+    """A run of ``mlflow-xai train``: its checkpoint, on the test part it was trained on."""
+    import torch
+
+    say("2/7 downloading and verifying the checkpoint")
+    loaded, train_run = load_source(source, tmp, dev)
+    meta = loaded.meta
+    _, X, y = _explain_data(meta, opts.data, opts.batches * loaded.cfg.batch_size)
+    task = meta["task"]
+    targets = torch.as_tensor(y, dtype=torch.long if task == "classification" else torch.float32)
+    return _Subject(
+        model=loaded.model, inputs=torch.as_tensor(X), targets=targets, loss_fn=None, task=task,
+        feature_names=list(meta["feature_names"]),
+        data={"data": meta.get("data"), "task": task, "rows": len(X), "feature_names": meta["feature_names"]},
+        baseline=np.zeros(X.shape[1], dtype=np.float32),  # the training mean, after standardization
+        gradient_of=("loss: cross-entropy with the targets" if task == "classification"
+                     else "loss: mean squared error with the targets"),
+        train_run=train_run, meta={"model_format": "mlflow-xai checkpoint"},
+    )
+
+
+def _model_subject(source: tracking.Source, tmp: Path, dev: str, opts: _ExplainOptions,
+                   say: Callable[[str], None]) -> _Subject:
+    """Any MLflow PyTorch model: pt2 unflattened, pickle on opt-in, on the user's data."""
+    import torch
+
+    from mlflow_xai.inspect.hooks import first_tensor
+    from mlflow_xai.sources.inputs import load_model_inputs, objective, resolve_task
+    from mlflow_xai.sources.pytorch_model import load_pytorch_model
+
+    say(f"2/7 downloading and loading the model {source.artifact_uri}")
+    model_dir = tracking.download_model(source, tmp)
+    loaded = load_pytorch_model(model_dir, source.model_uri, device=dev, allow_pickle=opts.allow_pickle)
+    model = loaded.model
+    got = load_model_inputs(opts.data, opts.target, model_dir=model_dir, mlmodel=loaded.mlmodel,
+                            rows=opts.rows or 64 * opts.batches)
+    warnings = [*loaded.warnings, *got.warnings]
+    inputs = torch.as_tensor(got.x)
+    if loaded.input_shape is not None and tuple(inputs.shape[1:]) != tuple(
+            d if d != -1 else inputs.shape[1 + i] for i, d in enumerate(loaded.input_shape)):
+        raise XAIError(f"{got.description} has inputs of shape {tuple(inputs.shape[1:])} per row, but the model was "
+                       f"exported for {loaded.input_shape}; pass the data the model takes")
+    probe_rows = loaded.fixed_batch or min(len(inputs), 2)
+    if len(inputs) < probe_rows:
+        raise XAIError(f"the model takes batches of exactly {probe_rows} rows, but {got.description} has "
+                       f"{len(inputs)}; pass more rows")
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = first_tensor(model(inputs[:probe_rows].to(dev)))
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise XAIError(f"the model does not run on {got.description} (inputs of shape "
+                       f"{tuple(inputs.shape)}): {first}; pass the data the model takes") from exc
+    finally:
+        model.train(was_training)
+    if out is None:
+        raise XAIError("the model returned no tensor; mlflow-xai explains models whose output is a tensor")
+    task = resolve_task(opts.task, tuple(out.shape))
+    targets = None
+    if got.y is not None:
+        if task == "classification":
+            if not np.all(np.equal(np.mod(got.y, 1), 0)):
+                raise XAIError("the target column has non-integer values, but the model is a classifier; "
+                               "pass class indices 0..K-1 or --task regression")
+            targets = torch.as_tensor(got.y.astype(np.int64))
+        else:
+            targets = torch.as_tensor(np.asarray(got.y, dtype=np.float32))
+    gradient_of, loss_fn = objective(task, targets is not None)
+    if targets is None:
+        targets = torch.zeros(len(inputs))  # the objective ignores them; they switch gradients on
+    feature_names = list(got.feature_names) if got.feature_names is not None else None
+    baseline: np.ndarray | None = None
+    if inputs.dim() == 2 and inputs.is_floating_point():
+        baseline = got.x.mean(axis=0).astype(np.float32)
+    elif inputs.dim() != 2 or not inputs.is_floating_point():
+        warnings.append(f"attributions and conductance skipped: the inputs ({tuple(inputs.shape[1:])} "
+                        f"{str(got.x.dtype)} per row) are not feature vectors")
+    if loaded.fixed_batch is not None and baseline is not None:
+        baseline = None
+        warnings.append(f"attributions and conductance skipped: they run the model on batches of other sizes "
+                        f"than the {loaded.fixed_batch} it was exported for")
+    train_run = tracking.get_run(source.run_id) if source.run_id else None
+    return _Subject(
+        model=model, inputs=inputs, targets=targets, loss_fn=loss_fn, task=task, feature_names=feature_names,
+        data={"data": got.description, "task": task, "rows": len(inputs), "feature_names": feature_names,
+              "target": opts.target},
+        baseline=baseline, gradient_of=gradient_of, train_run=train_run, batch_size=loaded.fixed_batch,
+        warnings=warnings, meta={"model_format": loaded.format,
+                                 "exported_in_training_mode": loaded.training_mode,
+                                 "fixed_batch": loaded.fixed_batch},
+    )
 
 
 def load_source(source: tracking.Source, dst: Path, device: str) -> tuple[Any, Any]:
@@ -451,9 +622,10 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _explain_in_run(run: Any, source: tracking.Source, tmp: Path, *, device: str, batches: int, absolute: bool,
-                    methods: tuple[str, ...], data: str | None, say: Callable[[str], None]) -> ExplainOutcome:
-    import torch
+def explain_in_run(run: Any, source: tracking.Source, tmp: Path, opts: _ExplainOptions,
+                   say: Callable[[str], None]) -> ExplainOutcome:
+    """Explain ``source`` and log the ``xai/`` artifacts into the active ``run``."""
+    import torch  # noqa: F401 - the stages below need it loaded
 
     from mlflow_xai.diagram import architecture_dot, render_all
     from mlflow_xai.inspect import explain, summary_dict
@@ -461,19 +633,18 @@ def _explain_in_run(run: Any, source: tracking.Source, tmp: Path, *, device: str
     from mlflow_xai.plots import distribution_grid, figure_to_png, heatmap, mean_activation_map
     from mlflow_xai.report import render_report
 
-    dev = _resolve_device(device)
-    say("2/7 downloading and verifying the checkpoint")
-    loaded, train_run = load_source(source, tmp, dev)
-    model, meta = loaded.model, loaded.meta
-    _, X, y = _explain_data(meta, data, batches * loaded.cfg.batch_size)
-    inputs = torch.as_tensor(X)
-    targets = torch.as_tensor(y, dtype=torch.long if meta["task"] == "classification" else torch.float32)
+    dev = _resolve_device(opts.device)
+    absolute, methods = opts.absolute, opts.methods
+    subject = (_checkpoint_subject if source.kind == "checkpoint" else _model_subject)(source, tmp, dev, opts, say)
+    model, inputs = subject.model, subject.inputs
+    train_run = subject.train_run
 
-    say(f"3/7 computing weights, activations and gradients on {len(X)} test rows")
+    say(f"3/7 computing weights, activations and gradients on {len(inputs)} rows")
     from torch import nn
 
     # Dropout is the identity in eval mode: its output would repeat the activation before it.
-    expl = explain(model, inputs, targets, copy=False, layers=lambda _n, m: not isinstance(m, nn.Dropout))
+    expl = explain(model, inputs, subject.targets, subject.loss_fn, copy=False, per_call=True,
+                   batch_size=subject.batch_size, layers=lambda _n, m: not isinstance(m, nn.Dropout))
     out = tmp / "xai"
     for kind in ("weights", "activations", "gradients"):
         (out / kind).mkdir(parents=True, exist_ok=True)
@@ -490,8 +661,8 @@ def _explain_in_run(run: Any, source: tracking.Source, tmp: Path, *, device: str
         images[f"gradients/{name}.png"] = figure_to_png(heatmap(f"{name} weight gradient", lg.values, absolute=absolute))
 
     say("5/7 drawing the architecture")
-    warnings: list[str] = []
-    dot = architecture_dot(model, inputs[:2].to(dev))
+    warnings: list[str] = list(subject.warnings)
+    dot = architecture_dot(model, inputs[:subject.batch_size or 2].to(dev))
     (out / "architecture.dot").write_text(dot, encoding="utf-8")
     rendered, render_warnings = render_all(dot)
     for msg in render_warnings:
@@ -500,16 +671,20 @@ def _explain_in_run(run: Any, source: tracking.Source, tmp: Path, *, device: str
         images[f"architecture.{fmt}"] = data_bytes
 
     summary = summary_dict(expl)
-    summary["source"] = {"run_id": source.run_id, "model_uri": source.model_uri,
+    summary["meta"] = {**summary.get("meta", {}), **subject.meta, "gradient_of": subject.gradient_of}
+    summary["source"] = {"run_id": source.run_id or None, "model_uri": source.model_uri,
                          "registered_model": source.registered_name, "version": source.version}
-    summary["data"] = {"data": meta.get("data"), "task": meta["task"], "rows": len(X),
-                       "feature_names": meta["feature_names"]}
-    if methods:
+    summary["data"] = subject.data
+    if methods and subject.baseline is not None:
         say(f"6/7 attributions ({', '.join(methods)}) and conductance")
-        baseline = np.zeros(X.shape[1], dtype=np.float32)  # the training mean, after standardization
-        summary["attributions"] = _attributions_stage(model, X, meta, methods, baseline, out, images)
+        X = inputs.numpy()
+        names = subject.feature_names or [f"x{i}" for i in range(X.shape[1])]
+        summary["attributions"] = _attributions_stage(
+            model, X, {"task": subject.task, "feature_names": names}, methods, subject.baseline, out, images,
+            warnings, baseline_note=("training mean (0 after standardization)" if source.kind == "checkpoint"
+                                     else f"mean of the {len(X)} explained rows"))
     else:
-        say("6/7 attributions skipped (--attributions none)")
+        say("6/7 attributions skipped" + (" (--attributions none)" if not methods else ""))
 
     say("7/7 logging the artifacts")
     for path, blob in images.items():
@@ -535,7 +710,8 @@ def _explain_in_run(run: Any, source: tracking.Source, tmp: Path, *, device: str
     tracking.log_metrics(headline)
     if source.registered_name and source.version:
         # The registry page of the version answers "explained? how does it look? from where?".
-        lineage = tracking.lineage_tags(source.run_id, train_run.data.tags.get(tracking.CONFIG_SOURCE_TAG))
+        lineage = tracking.lineage_tags(source.run_id, train_run.data.tags.get(tracking.CONFIG_SOURCE_TAG)) \
+            if train_run is not None and source.kind == "checkpoint" else {}
         tracking.tag_model_version(source.registered_name, source.version, {
             tracking.EXPLAIN_RUN_TAG: run.info.run_id,
             # Every headline key, so a metric this explanation lacks drops the earlier one's tag.

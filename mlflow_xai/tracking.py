@@ -422,13 +422,56 @@ def _q(s: str) -> str:
 
 @dataclass(frozen=True)
 class Source:
-    """The train run an explanation is about, and how the user named it."""
+    """The model an explanation is about, and how the user named it.
+
+    ``kind`` is ``checkpoint`` for a run of ``mlflow-xai train`` (its checkpoint is
+    explained) and ``model`` for any other MLflow PyTorch model (``artifact_uri`` is what
+    to download; ``run_id`` its source run, empty when it has none).
+    """
 
     run_id: str
     experiment_id: str
     model_uri: str  # what the user passed, or runs:/<id>/checkpoints/last.ckpt
     registered_name: str | None = None
     version: str | None = None
+    kind: str = "checkpoint"
+    artifact_uri: str | None = None
+
+
+def _is_train_run(run: Any) -> bool:
+    """A run of ``mlflow-xai train``: its checkpoint, not its logged model, is what gets explained."""
+    return run.data.tags.get(ROLE_TAG) == "train"
+
+
+def _model_source(run: Any | None, uri: str, artifact_uri: str, experiment_id: str | None = None,
+                  name: str | None = None, version: str | None = None) -> Source:
+    if run is not None and _is_train_run(run):
+        return Source(run.info.run_id, run.info.experiment_id, uri, name, version)
+    exp = run.info.experiment_id if run is not None else (experiment_id or "")
+    return Source(run.info.run_id if run is not None else "", exp, uri, name, version,
+                  kind="model", artifact_uri=artifact_uri)
+
+
+def _run_model(run: Any) -> Source:
+    """The one MLflow model a run that is not ours logged."""
+    if _is_train_run(run):
+        return Source(run.info.run_id, run.info.experiment_id, f"runs:/{run.info.run_id}/{LAST_CKPT}")
+    rid = run.info.run_id
+    try:
+        models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                             filter_string=f"source_run_id = '{_q(rid)}'", output_format="list")
+    except MlflowException:
+        models = []
+    if not models:
+        raise XAIError(
+            f"run {rid} has no {LAST_CKPT} artifact and logged no MLflow model; explain a run logged by "
+            "`mlflow-xai train` or one that logged a PyTorch model (mlflow.pytorch.log_model or autolog)"
+        )
+    if len(models) > 1:
+        listed = ", ".join(f"models:/{m.model_id} ({m.name})" for m in models[:6])
+        raise XAIError(f"run {rid} logged {len(models)} models; pass one with --model-uri: {listed}")
+    return Source(rid, run.info.experiment_id, f"models:/{models[0].model_id}",
+                  kind="model", artifact_uri=f"models:/{models[0].model_id}")
 
 
 def get_run(run_id: str) -> Any:
@@ -449,8 +492,7 @@ def resolve_source(run_id: str | None, model_uri: str | None, experiment: str | 
     if model_uri:
         return _resolve_uri(model_uri)
     if run_id:
-        run = get_run(run_id)
-        return Source(run.info.run_id, run.info.experiment_id, f"runs:/{run.info.run_id}/{LAST_CKPT}")
+        return _run_model(get_run(run_id))
     name = default_experiment(experiment)
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
@@ -475,18 +517,30 @@ def resolve_source(run_id: str | None, model_uri: str | None, experiment: str | 
 
 _MODELS_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
 _MODELS_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
-_RUNS = re.compile(r"^runs:/(?P<run_id>[^/]+)(/.*)?$")
+_RUNS = re.compile(r"^runs:/(?P<run_id>[^/]+)(/(?P<path>.*))?$")
+_MODELS_ID = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]+)$")
 
 
 def _resolve_uri(uri: str) -> Source:
     client = MlflowClient()
     if m := _RUNS.match(uri):
         run = get_run(m["run_id"])
-        return Source(run.info.run_id, run.info.experiment_id, uri)
+        path = (m["path"] or "").strip("/")
+        if _is_train_run(run) or not path:
+            return _run_model(run) if not path else Source(run.info.run_id, run.info.experiment_id, uri)
+        return _model_source(run, uri, uri)
+    if m := _MODELS_ID.match(uri):
+        try:
+            logged = mlflow.get_logged_model(m["model_id"])
+        except MlflowException as exc:
+            raise XAIError(f"logged model {m['model_id']!r} does not exist in {tracking_uri()}; check the id") from exc
+        run = get_run(logged.source_run_id) if logged.source_run_id else None
+        return _model_source(run, uri, uri, experiment_id=logged.experiment_id)
     m = _MODELS_ALIAS.match(uri) or _MODELS_VERSION.match(uri)
     if m is None:
         raise XAIError(
-            f"model URI {uri!r} is not supported; use models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/..."
+            f"model URI {uri!r} is not supported; use models:/NAME@ALIAS, models:/NAME/VERSION, "
+            "models:/MODEL_ID or runs:/RUN_ID/PATH"
         )
     name = m["name"]
     try:
@@ -506,10 +560,8 @@ def _resolve_uri(uri: str) -> Source:
         raise XAIError(
             f"registered model {name!r} has no {what}; see its versions and aliases in the MLflow UI"
         ) from exc
-    if not mv.run_id:
-        raise XAIError(f"{uri} was not logged from a run, so it has no mlflow-xai checkpoint to explain")
-    run = get_run(mv.run_id)
-    return Source(run.info.run_id, run.info.experiment_id, uri, name, str(mv.version))
+    run = get_run(mv.run_id) if mv.run_id else None
+    return _model_source(run, uri, f"models:/{name}/{mv.version}", name=name, version=str(mv.version))
 
 
 def local_artifact_path(root: Path, artifact_path: str, owner: str) -> Path:
@@ -565,6 +617,26 @@ def download_checkpoint(source: Source, dst: Path) -> tuple[Path, str | None, An
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final, run.data.tags.get(CHECKSUM_TAG), run
+
+
+def download_model(source: Source, dst: Path) -> Path:
+    """Download the MLflow model ``source.artifact_uri`` into a fresh folder inside ``dst``.
+
+    Only files are fetched (the MLmodel YAML, the weights); nothing is loaded here. Where
+    MLflow says it put the model is checked like any untrusted artifact path.
+    """
+    uri = source.artifact_uri or source.model_uri
+    staging = Path(tempfile.mkdtemp(dir=dst, prefix=".model-"))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(staging)))
+    except (MlflowException, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise XAIError(f"downloading the model {uri} failed ({first[:300]}); check the URI and the tracking server") from exc
+    rel = Path(os.path.relpath(local, staging)).as_posix()
+    landed = staging.resolve() if rel == "." else local_artifact_path(staging, rel, uri)
+    if not landed.is_dir():
+        raise XAIError(f"{uri} is a single file, not an MLflow model folder; point at the model (runs:/RUN_ID/model)")
+    return landed
 
 
 def tag_model_version(name: str, version: str, tags: Mapping[str, Any]) -> None:

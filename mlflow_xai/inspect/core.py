@@ -69,7 +69,7 @@ _RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode for the block; every module's own flag restored afterwards.
 
     ``model.train(flag)`` would overwrite a submodule the user deliberately froze in
@@ -82,6 +82,9 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+_eval_mode = eval_mode  # the name inspect.compare imports
 
 
 def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
@@ -207,6 +210,34 @@ def _unit_summary(t: torch.Tensor, dim: int | None, relu: bool) -> tuple[np.ndar
     return mean.cpu().numpy(), dead
 
 
+def _forward(model: nn.Module, args: tuple[torch.Tensor, ...], rec: Any, batch_size: int | None) -> Any:
+    """The forward pass: at once, or chunk by chunk for a model that takes one batch size."""
+    if batch_size is None or args[0].shape[0] == batch_size:
+        rec.begin_pass()
+        out = model(*args)
+        rec.finish()
+        return out
+    outs = []
+    for start in range(0, args[0].shape[0], batch_size):
+        rec.begin_pass()
+        out = first_tensor(model(*(a[start:start + batch_size] for a in args)))
+        if out is None:
+            raise XAIError(f"{type(model).__name__} returned no tensor; it cannot be run in chunks")
+        outs.append(out)
+    rec.finish()
+    return torch.cat(outs, dim=0)
+
+
+def _call_keys(name: str, present: Any) -> list[str]:
+    """``name`` and its further calls ``name@1``, ``name@2`` ... that are in ``present``."""
+    keys = [name] if name in present else []
+    k = 1
+    while f"{name}@{k}" in present:
+        keys.append(f"{name}@{k}")
+        k += 1
+    return keys
+
+
 def _ratio(grad_norm: float, weight_norm: float) -> float:
     # Undefined (NaN) for an all-zero weight: a zero-initialised layer getting its first
     # gradient is not "exploding", so no flag should fire on an infinite ratio.
@@ -222,6 +253,8 @@ def explain(
     layers: LayerSelection = None,
     bins: int = 50,
     copy: bool = True,
+    per_call: bool = False,
+    batch_size: int | None = None,
 ) -> Explanation:
     """Weights, activations and gradients of every layer of ``model`` on one batch.
 
@@ -253,6 +286,12 @@ def explain(
         copy: ``True`` gives arrays of their own; ``False`` gives arrays that share memory
             with the weights, outputs and gradients where they live on the CPU, which
             keeps the peak memory of large networks near two copies of the weights.
+        per_call: A module the forward pass calls several times gets one activation
+            entry per call: ``name`` for the first, ``name@1``, ``name@2`` ... for the
+            next (torch.export's naming). Off: the last call's output is kept.
+        batch_size: The model only takes batches of exactly this size (a model exported
+            with a fixed batch): the batch runs in chunks of that size, its rows cut to a
+            multiple of it, and each layer's outputs are concatenated over the chunks.
 
     Returns:
         An :class:`Explanation` keyed by qualified module name, in
@@ -295,10 +334,22 @@ def explain(
 
     loss_value: float | None = None
     grads: dict[tuple[str, str], torch.Tensor] = {}
-    with _eval_mode(model), record_outputs(model, act_mods) as rec:
+    if batch_size is not None:
+        if batch_size < 1:
+            raise XAIError(f"batch_size {batch_size} is invalid; use 1 or more")
+        usable = args[0].shape[0] - args[0].shape[0] % batch_size
+        if usable == 0:
+            raise XAIError(
+                f"the model takes batches of exactly {batch_size} rows, but only "
+                f"{args[0].shape[0]} were given; pass at least {batch_size}"
+            )
+        args = tuple(a[:usable] for a in args)
+        tgt = None if tgt is None else tgt[:usable]
+    with eval_mode(model), record_outputs(model, act_mods, per_call=per_call,
+                                            chunked=batch_size is not None) as rec:
         with torch.enable_grad() if tgt is not None else torch.no_grad():
             try:
-                output = model(*args)
+                output = _forward(model, args, rec, batch_size)
             except (RuntimeError, ValueError, TypeError, IndexError) as exc:
                 shapes = ", ".join(str(tuple(a.shape)) for a in args)
                 raise XAIError(
@@ -340,10 +391,12 @@ def explain(
             bias_stats=tensor_stats(b) if isinstance(b, torch.Tensor) else None,
         )
 
-    # Activations, in named_modules order.
+    # Activations, in named_modules order; a module's further calls right after its first.
+    entries = [(key, m) for name, m in act_mods for key in _call_keys(name, captured)]
+    mod_of.update(entries)
     unit_dims = _unit_dims(captured, order, mod_of)
     activations: dict[str, LayerActivations] = {}
-    for name, m in act_mods:
+    for name, m in entries:
         t = captured.pop(name, None)  # pop: release each output once it is summarized
         if t is None:  # not called by this forward pass, or returned no tensor
             continue
@@ -388,7 +441,7 @@ def explain(
     uncovered = tuple(n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] not in ("weight", "bias"))
     meta: dict[str, Any] = {
         "model_type": type(model).__name__,
-        "layers": tuple(n for n in all_names if n in present),
+        "layers": tuple(k for n in all_names for k in _call_keys(n, present)),
         "n_params": sum(p.numel() for p in model.parameters()),
         "uncovered_params": uncovered,
         "input_shapes": tuple(tuple(a.shape) for a in args),

@@ -149,13 +149,37 @@ class _Recorder(TorchFunctionMode):
     torch call, and copies a capture just before a call writes into its storage.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, per_call: bool = False, chunked: bool = False) -> None:
         super().__init__()
         self.outputs: dict[str, torch.Tensor] = {}
         self.order: list[str] = []  # names in the order their hooks fired
         self._by_storage: dict[int, set[str]] = {}
         self._version: dict[str, int] = {}
         self._modified: set[str] = set()
+        # per_call: a module's k-th call in one forward pass is its own entry ``name@k``
+        # (the first keeps ``name``), as torch.export names the calls of a reused module.
+        self.per_call = per_call
+        self._calls: dict[str, int] = {}
+        # chunked: the batch runs as several forward passes (a model exported for one batch
+        # size); each pass's captures are copied and concatenated along dim 0 by finish().
+        self.chunked = chunked
+        self._parts: dict[str, list[torch.Tensor]] = {}
+        self._passes = 0
+
+    def begin_pass(self) -> None:
+        """A new forward pass over the next chunk of the batch starts."""
+        self._calls.clear()
+        self._passes += 1
+
+    def finish(self) -> None:
+        """Concatenate the chunks' captures (chunked mode); a no-op otherwise."""
+        if not self.chunked:
+            return
+        for key, parts in self._parts.items():
+            if len(parts) == self._passes:  # a module every chunk called the same way
+                self.outputs[key] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+                self._version[key] = self.outputs[key]._version
+        self._parts.clear()
 
     def __torch_function__(
         self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
@@ -182,14 +206,29 @@ class _Recorder(TorchFunctionMode):
             t = first_tensor(output)
             if t is None:
                 return
+            key = name
+            if self.per_call:
+                k = self._calls.get(name, 0)
+                self._calls[name] = k + 1
+                key = name if k == 0 else f"{name}@{k}"
+            if self._passes <= 1:  # the call order of one pass
+                self.order.append(key)
+            if self.chunked:
+                # A private copy per chunk: the chunks are concatenated afterwards, and a
+                # later chunk's in-place ops must not reach an earlier chunk's capture.
+                parts = self._parts.setdefault(key, [])
+                if len(parts) == self._passes:  # called again in this pass: the later call wins
+                    parts[-1] = t.detach().clone()
+                else:
+                    parts.append(t.detach().clone())
+                return
             # detach() shares memory: no copy unless an in-place op forces one.
             t = t.detach()
-            self.outputs[name] = t
-            self.order.append(name)
-            self._version[name] = t._version
-            key = _storage_key(t)
-            if key is not None:
-                self._by_storage.setdefault(key, set()).add(name)
+            self.outputs[key] = t
+            self._version[key] = t._version
+            storage = _storage_key(t)
+            if storage is not None:
+                self._by_storage.setdefault(storage, set()).add(key)
 
         return hook
 
@@ -209,11 +248,18 @@ class _Recorder(TorchFunctionMode):
 
 @contextmanager
 def record_outputs(
-    model: nn.Module, modules: Sequence[tuple[str, nn.Module]]
+    model: nn.Module, modules: Sequence[tuple[str, nn.Module]], *, per_call: bool = False,
+    chunked: bool = False,
 ) -> Iterator[_Recorder]:
     """Hooks on ``modules`` for the duration of the block; the engine behind
-    :func:`capture_activations`, which also exposes the call order."""
-    rec = _Recorder()
+    :func:`capture_activations`, which also exposes the call order.
+
+    ``per_call`` gives each further call of a module in one forward pass its own entry,
+    ``name@1``, ``name@2``, ...; ``chunked`` is for a batch run as several forward passes
+    (call :meth:`_Recorder.begin_pass` before each and :meth:`_Recorder.finish` after
+    the last): each entry is the concatenation of its passes' outputs.
+    """
+    rec = _Recorder(per_call=per_call, chunked=chunked)
     handles: list[RemovableHandle] = []
     try:
         for name, module in modules:
