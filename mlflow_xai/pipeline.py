@@ -263,6 +263,7 @@ class ExplainOutcome:
     artifacts: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # the headline metrics logged
 
 
 ATTRIBUTION_METHODS = ("integrated_gradients", "deep_lift", "gradient_shap", "feature_ablation")
@@ -446,7 +447,7 @@ def explain_and_log(
     if task not in ("auto", "regression", "classification"):
         raise XAIError(f"--task {task!r} is not supported; use auto, regression or classification")
     methods = parse_attributions(attributions)
-    options = _ExplainOptions(device=device, batches=batches, absolute=absolute, methods=methods, data=data,
+    options = ExplainOptions(device=device, batches=batches, absolute=absolute, methods=methods, data=data,
                               target=target, task=task, allow_pickle=allow_pickle, rows=rows)
     source: tracking.Source | None = None
     failure: XAIError | None = None
@@ -468,7 +469,7 @@ def explain_and_log(
 
 
 @dataclass(frozen=True)
-class _ExplainOptions:
+class ExplainOptions:
     device: str = "auto"
     batches: int = 1
     absolute: bool = False
@@ -478,6 +479,7 @@ class _ExplainOptions:
     task: str = "auto"
     allow_pickle: bool = False
     rows: int | None = None
+    inputs: Any = None  # sources.inputs.ModelInputs already in memory (the evaluator's dataset)
 
 
 @dataclass
@@ -499,7 +501,7 @@ class _Subject:
     meta: dict[str, Any] = field(default_factory=dict)  # summary.json "meta" additions
 
 
-def _checkpoint_subject(source: tracking.Source, tmp: Path, dev: str, opts: _ExplainOptions,
+def _checkpoint_subject(source: tracking.Source, tmp: Path, dev: str, opts: ExplainOptions,
                         say: Callable[[str], None]) -> _Subject:
     """A run of ``mlflow-xai train``: its checkpoint, on the test part it was trained on."""
     import torch
@@ -521,7 +523,7 @@ def _checkpoint_subject(source: tracking.Source, tmp: Path, dev: str, opts: _Exp
     )
 
 
-def _model_subject(source: tracking.Source, tmp: Path, dev: str, opts: _ExplainOptions,
+def _model_subject(source: tracking.Source, tmp: Path, dev: str, opts: ExplainOptions,
                    say: Callable[[str], None]) -> _Subject:
     """Any MLflow PyTorch model: pt2 unflattened, pickle on opt-in, on the user's data."""
     import torch
@@ -534,8 +536,8 @@ def _model_subject(source: tracking.Source, tmp: Path, dev: str, opts: _ExplainO
     model_dir = tracking.download_model(source, tmp)
     loaded = load_pytorch_model(model_dir, source.model_uri, device=dev, allow_pickle=opts.allow_pickle)
     model = loaded.model
-    got = load_model_inputs(opts.data, opts.target, model_dir=model_dir, mlmodel=loaded.mlmodel,
-                            rows=opts.rows or 64 * opts.batches)
+    got = opts.inputs or load_model_inputs(opts.data, opts.target, model_dir=model_dir, mlmodel=loaded.mlmodel,
+                                           rows=opts.rows or 64 * opts.batches)
     warnings = [*loaded.warnings, *got.warnings]
     inputs = torch.as_tensor(got.x)
     if loaded.input_shape is not None and tuple(inputs.shape[1:]) != tuple(
@@ -622,7 +624,7 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def explain_in_run(run: Any, source: tracking.Source, tmp: Path, opts: _ExplainOptions,
+def explain_in_run(run: Any, source: tracking.Source, tmp: Path, opts: ExplainOptions,
                    say: Callable[[str], None]) -> ExplainOutcome:
     """Explain ``source`` and log the ``xai/`` artifacts into the active ``run``."""
     import torch  # noqa: F401 - the stages below need it loaded
@@ -721,4 +723,5 @@ def explain_in_run(run: Any, source: tracking.Source, tmp: Path, opts: _ExplainO
             **lineage,
         })
     return ExplainOutcome(run.info.run_id, source, sorted(["xai/" + p for p in images] +
-                          ["xai/summary.json", "xai/report.html", "xai/architecture.dot"]), warnings, summary)
+                          ["xai/summary.json", "xai/report.html", "xai/architecture.dot"]), warnings, summary,
+                          headline)

@@ -26,7 +26,7 @@ import numpy as np
 
 from mlflow_xai.errors import XAIError
 
-__all__ = ["ModelInputs", "load_model_inputs", "signature_columns", "resolve_task", "objective"]
+__all__ = ["ModelInputs", "inputs_from_frame", "load_model_inputs", "signature_columns", "resolve_task", "objective"]
 
 TASKS = ("auto", "regression", "classification")
 
@@ -83,6 +83,36 @@ def load_model_inputs(data: str | None, target: str | None, *, model_dir: Path |
     if n > rows:
         got.x = got.x[:rows]
         got.y = None if got.y is None else got.y[:rows]
+    return got
+
+
+def inputs_from_frame(features: Any, labels: Any, mlmodel: dict[str, Any], rows: int,
+                      description: str = "the evaluation data") -> ModelInputs:
+    """Inputs from data already in memory: a DataFrame or array of features, and labels or ``None``.
+
+    A DataFrame's columns follow the model's column signature where it has one.
+    """
+    if hasattr(features, "columns"):
+        columns = signature_columns(mlmodel)
+        if columns is not None:
+            missing = [c for c in columns if c not in features.columns]
+            if missing:
+                raise XAIError(f"{description} lacks the column{'s' if len(missing) > 1 else ''} "
+                               f"{', '.join(map(repr, missing[:8]))} of the model's signature")
+            features = features[list(columns)]
+        names: tuple[str, ...] | None = tuple(map(str, features.columns))
+        x = features.to_numpy()
+    else:
+        x = np.asarray(features)
+        names = tuple(f"x{i}" for i in range(x.shape[1])) if x.ndim == 2 else None
+    y = None if labels is None else np.asarray(labels)
+    if y is not None and not np.issubdtype(y.dtype, np.number):
+        raise XAIError(f"the targets of {description} are not numeric; the model's outputs are numbers or class "
+                       "indices, so encode the labels as 0..K-1 in the order the model was trained with")
+    got = ModelInputs(x=_float32(x), y=y, feature_names=names, description=description)
+    if len(got.x) > rows:
+        got.x = got.x[:rows]
+        got.y = None if y is None else y[:rows]
     return got
 
 
