@@ -543,7 +543,8 @@ def _model_subject(source: tracking.Source, tmp: Path, dev: str, opts: ExplainOp
     if loaded.input_shape is not None and tuple(inputs.shape[1:]) != tuple(
             d if d != -1 else inputs.shape[1 + i] for i, d in enumerate(loaded.input_shape)):
         raise XAIError(f"{got.description} has inputs of shape {tuple(inputs.shape[1:])} per row, but the model was "
-                       f"exported for {loaded.input_shape}; pass the data the model takes")
+                       f"exported for {loaded.input_shape}; pass the data the model takes"
+                       + ("" if opts.target or opts.inputs else " (--target COLUMN leaves a table's label out)"))
     probe_rows = loaded.fixed_batch or min(len(inputs), 2)
     if len(inputs) < probe_rows:
         raise XAIError(f"the model takes batches of exactly {probe_rows} rows, but {got.description} has "

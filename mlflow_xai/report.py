@@ -96,7 +96,8 @@ _COLUMNS: tuple[tuple[str, str, str, str], ...] = (
     ("gradient", "status", "", "gradient_status"),
 )
 #: ``summary["meta"]`` keys shown under the source, with their labels.
-_META_ENTRIES = (("model_type", "model"), ("n_params", "parameters"))
+_META_ENTRIES = (("model_type", "model"), ("n_params", "parameters"), ("model_format", "format"),
+                 ("gradient_of", "gradients of"))
 #: A layer with more dead units than this share is highlighted, unless the summary's
 #: ``diagnostics.thresholds.dead_share_flag`` says otherwise.
 _DEAD_WARN_SHARE = 0.5
@@ -124,7 +125,7 @@ def render_report(
 
     The page shows, in order: the source (``summary["source"]``: a string or a mapping
     such as ``{"run_id": ..., "model_uri": ...}``) with the model type and parameter
-    count from ``summary["meta"]``; the headline diagnostics (``summary["diagnostics"]``
+    count from ``summary["meta"]``; the warnings (``summary["warnings"]``), if any; the headline diagnostics (``summary["diagnostics"]``
     and ``summary["loss"]``); a per-layer statistics table (``summary["layers"]``: name
     to ``{"module_type", "weight", "activation", "gradient"}``, each group a dict of
     statistics or ``None``, as :func:`mlflow_xai.inspect.summary.summary_dict` writes
@@ -161,6 +162,7 @@ def render_report(
     parts = [
         *page_head(title),
         _source_html(summary.get("source"), summary.get("meta")),
+        _warnings_html(summary.get("warnings")),
         "<h2>Diagnostics</h2>",
         _diagnostics_html(summary.get("diagnostics"), summary.get("loss")),
         "<h2>Layers</h2>",
@@ -191,6 +193,14 @@ def _attributions_html(attributions: Any) -> str:
         "</table>",
         f"<p>{_text(agreement)}</p>" if agreement else "",
     ])
+
+
+def _warnings_html(warnings: Any) -> str:
+    """What the reader must know before trusting the figures (``summary["warnings"]``)."""
+    if not isinstance(warnings, Sequence) or isinstance(warnings, str) or not warnings:
+        return ""
+    items = "".join(f"<li>{escape(str(w))}</li>" for w in warnings)
+    return f'<h2>Warnings</h2><ul class="warnings">{items}</ul>'
 
 
 def _source_html(source: Any, meta: Any) -> str:

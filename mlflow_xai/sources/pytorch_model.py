@@ -173,8 +173,14 @@ def _load_pickle(model_dir: Path, mlmodel: dict[str, Any], uri: str, device: str
     try:
         with _pickle_allowed():
             model = mlflow.pytorch.load_model(str(model_dir), map_location=device)
-    except (ModuleNotFoundError, AttributeError, ImportError) as exc:
-        missing = getattr(exc, "name", None) or str(exc).splitlines()[0]
+    except (ImportError, AttributeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, ImportError):
+            missing = exc.name or first
+        elif first.startswith("Can't get attribute"):  # pickle: the module is there, the class is not
+            missing = first.split("'")[1] if first.count("'") >= 2 else first
+        else:  # MLflow calls .eval() and .to() on what was unpickled
+            raise XAIError(f"{uri} did not load as a torch.nn.Module ({first[:200]}); nothing to look inside") from exc
         raise XAIError(
             f"the pickled model {uri} needs {missing!r}, which cannot be imported here; put the model's "
             "code on PYTHONPATH (or log it with code_paths=[...]) and run again"
