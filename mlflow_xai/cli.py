@@ -227,17 +227,26 @@ def _drift_threshold(_ctx: click.Context, _param: click.Parameter, value: Any) -
               help="Exit 1 when any shared layer's weight drift ||W_B-W_A||/||W_A|| is above DRIFT.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
 @click.option("--data", default=None, callback=_empty_is_none,
-              help="The training table, if it is no longer where A's train run read it.")
+              help="A is a train run: its training table, if it is no longer where the run read it. A is any "
+                   "other model: the rows to compare on, a table or an .npy/.npz file (default: A's input example).")
+@click.option("--task", type=click.Choice(["auto", "regression", "classification"]), default="auto",
+              show_default=True, help="Two models mlflow-xai did not train: how to compare their predictions.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Load pickled models (as mlflow.pytorch.autolog logs them): unpickling runs code from the "
+                   "artifact, only for models you trust.")
+@click.option("--allow-pickle-value", "allow_pickle_value", type=click.BOOL, default=False, hidden=True,
+              help="--allow-pickle as a value (true/false), for the MLproject's allow_pickle parameter.")
 @click.option("--quiet", is_flag=True, help="No progress lines, only the result lines.")
 @_user_errors
 def compare(a: str, b: str, experiment: str | None, rows: int, fail_above: float | None, device: str,
-            data: str | None, quiet: bool) -> None:
-    """Compare model B with model A; each a run id, models:/NAME/VERSION or models:/NAME@ALIAS."""
+            data: str | None, task: str, allow_pickle: bool, allow_pickle_value: bool, quiet: bool) -> None:
+    """Compare model B with model A: each a run id or a model URI (models:/NAME@ALIAS, models:/NAME/VERSION,
+    models:/MODEL_ID, runs:/RUN_ID/PATH), a train run's model or any MLflow PyTorch model."""
     from mlflow_xai.compare_pipeline import compare_and_log
 
     _quiet_mlflow(quiet)
     out = compare_and_log(a, b, experiment=experiment, rows=rows, fail_above=fail_above, device=device,
-                          data=data, quiet=quiet)
+                          data=data, task=task, allow_pickle=allow_pickle or allow_pickle_value, quiet=quiet)
     top = out.data.get("max_drift")
     if top:
         click.echo(f"largest weight drift: {top['layer']} {top['value']:.4g} "

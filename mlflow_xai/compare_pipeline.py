@@ -47,9 +47,16 @@ def compare_and_log(
     device: str = "auto",
     data: str | None = None,
     bins: int = 50,
+    allow_pickle: bool = False,
+    task: str = "auto",
     quiet: bool = False,
 ) -> CompareOutcome:
     """Compare model B with model A (each a run id or a model URI) and log the comparison.
+
+    Either side may be a train run of ours or any MLflow PyTorch model (pickled ones only
+    with ``allow_pickle``). The rows are A's test part when A is ours, else ``data`` (a
+    table or an ``.npy``/``.npz`` file; default: A's logged input example), fed raw to a
+    model we did not train and standardized as trained to ours.
 
     The compare run goes beside B's train run unless ``experiment`` is given. With
     ``fail_above``, the outcome's ``gate_failure`` names the first layer whose weight
@@ -76,7 +83,8 @@ def compare_and_log(
         tracking.set_tags({f"{COMPARE_A_TAG}_run_id": src_a.run_id, f"{COMPARE_B_TAG}_run_id": src_b.run_id})
         with tempfile.TemporaryDirectory(prefix="mlflow-xai-compare-") as tmp:
             return _compare_in_run(run.info.run_id, (a, b), (src_a, src_b), Path(tmp), rows=rows,
-                                   fail_above=fail_above, device=device, data=data, bins=bins, say=say)
+                                   fail_above=fail_above, device=device, data=data, bins=bins, say=say,
+                                   allow_pickle=allow_pickle, task=task)
 
 
 def _resolve(ref: str, side: str) -> tracking.Source:
@@ -88,57 +96,115 @@ def _resolve(ref: str, side: str) -> tracking.Source:
     return tracking.resolve_source(ref, None, None)
 
 
-def _load_side(source: tracking.Source, dst: Path, dev: str) -> Any:
+@dataclass
+class _Side:
+    """One side of the comparison: our checkpoint (``meta`` set) or any MLflow PyTorch model."""
+
+    model: Any
+    meta: dict[str, Any] | None = None  # our checkpoint's metadata
+    config: dict[str, Any] | None = None
+    model_format: str = "mlflow-xai checkpoint"
+    model_dir: Path | None = None
+    mlmodel: dict[str, Any] = field(default_factory=dict)
+
+    def inputs(self, raw: np.ndarray) -> Any:
+        """The raw rows as this model takes them: standardized as trained (ours), as they are (any other)."""
+        import torch
+
+        if self.meta is None:
+            return torch.as_tensor(raw.astype(np.float32) if raw.dtype == np.float64 else raw)
+        mean = np.asarray(self.meta.get("mean") or np.zeros(raw.shape[1]), dtype=np.float64)
+        std = np.asarray(self.meta.get("std") or np.ones(raw.shape[1]), dtype=np.float64)
+        return torch.as_tensor(((raw - mean) / std).astype(np.float32))
+
+    def predictions(self, out: np.ndarray, task: str) -> np.ndarray:
+        """Regression outputs of ours in the target's own units; any other model's as they are."""
+        from mlflow_xai.data import raw_target
+
+        if self.meta is None or task != "regression":
+            return out
+        return raw_target(out, float(self.meta.get("target_mean", 0.0)), float(self.meta.get("target_std", 1.0)))
+
+
+def _load_side(source: tracking.Source, dst: Path, dev: str, allow_pickle: bool, side: str) -> _Side:
     dst.mkdir()
-    return load_source(source, dst, dev)[0]
+    if source.kind == "checkpoint":
+        loaded = load_source(source, dst, dev)[0]
+        return _Side(loaded.model, loaded.meta, loaded.cfg.to_dict())
+    from mlflow_xai.sources.pytorch_model import load_pytorch_model
+
+    model_dir = tracking.download_model(source, dst)
+    loaded_model = load_pytorch_model(model_dir, source.model_uri, device=dev, allow_pickle=allow_pickle)
+    if loaded_model.fixed_batch is not None:
+        raise XAIError(f"model {side} ({source.model_uri}) was exported for batches of exactly "
+                       f"{loaded_model.fixed_batch} rows; compare runs both models on one batch, so re-log it "
+                       "with an input example of two or more rows")
+    return _Side(loaded_model.model, model_format=loaded_model.format, model_dir=model_dir,
+                 mlmodel=loaded_model.mlmodel)
 
 
-def _inputs_for(meta: dict[str, Any], raw: np.ndarray) -> Any:
-    """The raw rows standardized as this model was trained (its own training statistics)."""
-    import torch
+def _rows(side_a: _Side, data: str | None, rows: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The raw rows both sides see, and compare.json's "data" without the task."""
+    if side_a.meta is not None:
+        ma = side_a.meta
+        _, X, _ = _explain_data(ma, data, rows)
+        raw = X.astype(np.float64) * np.asarray(ma["std"]) + np.asarray(ma["mean"])  # A's test rows, raw units
+        return raw, {"data": ma.get("data"), "rows": len(X), "feature_names": list(ma["feature_names"])}
+    from mlflow_xai.sources.inputs import load_model_inputs
 
-    mean = np.asarray(meta.get("mean") or np.zeros(raw.shape[1]), dtype=np.float64)
-    std = np.asarray(meta.get("std") or np.ones(raw.shape[1]), dtype=np.float64)
-    return torch.as_tensor(((raw - mean) / std).astype(np.float32))
+    got = load_model_inputs(data, None, model_dir=side_a.model_dir, mlmodel=side_a.mlmodel, rows=rows)
+    names = list(got.feature_names) if got.feature_names is not None else None
+    return got.x, {"data": got.description, "rows": len(got.x), "feature_names": names}
 
 
-def _side_dict(ref: str, source: tracking.Source, loaded: Any) -> dict[str, Any]:
-    return {"ref": ref, "run_id": source.run_id, "model_uri": source.model_uri,
+def _side_dict(ref: str, source: tracking.Source, side: _Side) -> dict[str, Any]:
+    return {"ref": ref, "run_id": source.run_id or None, "model_uri": source.model_uri,
             "registered_model": source.registered_name, "version": source.version,
-            "n_params": sum(p.numel() for p in loaded.model.parameters()), "config": loaded.cfg.to_dict()}
+            "n_params": sum(p.numel() for p in side.model.parameters()), "config": side.config,
+            "model_format": side.model_format}
 
 
 def _compare_in_run(run_id: str, refs: tuple[str, str], sources: tuple[tracking.Source, tracking.Source],
                     tmp: Path, *, rows: int, fail_above: float | None, device: str, data: str | None, bins: int,
-                    say: Callable[[str], None]) -> CompareOutcome:
+                    say: Callable[[str], None], allow_pickle: bool = False, task: str = "auto") -> CompareOutcome:
     from mlflow_xai.compare_plots import drift_bars, overlaid_distributions, prediction_figure
     from mlflow_xai.compare_report import render_compare_report
-    from mlflow_xai.data import raw_target
     from mlflow_xai.inspect.compare import compare_activations, prediction_shift, weight_drift
     from mlflow_xai.inspect.summary import json_safe
     from mlflow_xai.plots import figure_to_png, heatmap
+    from mlflow_xai.sources.inputs import resolve_task
 
     dev = _resolve_device(device)
-    say("2/5 downloading, verifying and loading both checkpoints")
-    la, lb = _load_side(sources[0], tmp / "a", dev), _load_side(sources[1], tmp / "b", dev)
+    say("2/5 downloading, verifying and loading both models")
+    la = _load_side(sources[0], tmp / "a", dev, allow_pickle, "A")
+    lb = _load_side(sources[1], tmp / "b", dev, allow_pickle, "B")
     ma, mb = la.meta, lb.meta
-    if ma["task"] != mb["task"]:
-        raise XAIError(f"A is a {ma['task']} model and B a {mb['task']} model; compare models of the same task")
-    if list(ma["feature_names"]) != list(mb["feature_names"]):
-        raise XAIError(f"A and B take different inputs ({list(ma['feature_names'])[:6]}... vs "
-                       f"{list(mb['feature_names'])[:6]}...); compare models trained on the same features")
-    task = ma["task"]
+    if ma is not None and mb is not None:
+        if ma["task"] != mb["task"]:
+            raise XAIError(f"A is a {ma['task']} model and B a {mb['task']} model; compare models of the same task")
+        if list(ma["feature_names"]) != list(mb["feature_names"]):
+            raise XAIError(f"A and B take different inputs ({list(ma['feature_names'])[:6]}... vs "
+                           f"{list(mb['feature_names'])[:6]}...); compare models trained on the same features")
 
     say("3/5 comparing weights, activations and predictions")
-    _, X, _ = _explain_data(ma, data, rows)
-    raw = X.astype(np.float64) * np.asarray(ma["std"]) + np.asarray(ma["mean"])  # A's test rows, raw units
+    raw, data_section = _rows(la, data, rows)
+    for side, name in ((lb, "B"), (la, "A")):
+        if side.meta is not None and (raw.ndim != 2 or raw.shape[1] != len(side.meta["feature_names"])):
+            raise XAIError(f"the rows have shape {tuple(raw.shape[1:])}, but model {name} was trained on "
+                           f"{len(side.meta['feature_names'])} features; pass the data both models take")
     drifts, only_a, only_b, mismatched = weight_drift(la.model, lb.model, bins=bins)
-    shifts, out_a, out_b = compare_activations(la.model, lb.model, _inputs_for(ma, raw), _inputs_for(mb, raw),
-                                               bins=bins)
-    if task == "regression":  # predictions in the target's own units, each side with its own scale
-        out_a = raw_target(out_a, float(ma.get("target_mean", 0.0)), float(ma.get("target_std", 1.0)))
-        out_b = raw_target(out_b, float(mb.get("target_mean", 0.0)), float(mb.get("target_std", 1.0)))
+    try:
+        shifts, out_a, out_b = compare_activations(la.model, lb.model, la.inputs(raw), lb.inputs(raw), bins=bins)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise XAIError(f"the models do not both run on {data_section['data']} (rows of shape "
+                       f"{tuple(raw.shape[1:])}): {first}; pass the data both models take") from exc
+    known = ma or mb
+    task = known["task"] if known is not None else resolve_task(task, tuple(out_a.shape))
+    # Predictions in the target's own units, each of ours with its own scale.
+    out_a, out_b = la.predictions(out_a, task), lb.predictions(out_b, task)
     preds = prediction_shift(out_a, out_b, task)
+    target_name = str((known or {}).get("target") or "")
 
     gate_failure = None
     top = max(drifts.items(), key=lambda kv: _nan_high(kv[1].relative_l2), default=None)
@@ -158,7 +224,7 @@ def _compare_in_run(run_id: str, refs: tuple[str, str], sources: tuple[tracking.
         "schema_version": SCHEMA_VERSION,
         "a": _side_dict(refs[0], sources[0], la),
         "b": _side_dict(refs[1], sources[1], lb),
-        "data": {"data": ma.get("data"), "task": task, "rows": len(X), "feature_names": list(ma["feature_names"])},
+        "data": {**data_section, "task": task},
         "weights": {n: {"module_type": d.module_type, "shape": list(d.shape), "relative_l2": d.relative_l2,
                         "diff_l2": d.diff_l2, "max_abs_diff": d.max_abs_diff, "bias_relative_l2": d.bias_relative_l2,
                         "l2_a": d.stats_a.l2_norm, "l2_b": d.stats_b.l2_norm, "mean_a": d.stats_a.mean,
@@ -196,7 +262,7 @@ def _compare_in_run(run_id: str, refs: tuple[str, str], sources: tuple[tracking.
         "activations on the same rows: A (blue) and B (orange)",
         {n: (s.hist_a, s.hist_b) for n, s in shifts.items()}, labels))
     images["predictions.png"] = figure_to_png(prediction_figure(
-        preds, labels, unit=str(ma.get("target") or "") if task == "regression" else ""))
+        preds, labels, unit=target_name if task == "regression" else ""))
 
     say("5/5 logging the artifacts")
     out = tmp / "compare"

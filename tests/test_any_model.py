@@ -300,6 +300,25 @@ def test_cli_explains_a_users_model_and_refuses_pickle_in_one_line(zoo: dict[str
     assert len(errors) == 1 and "--allow-pickle" in errors[0] and "Traceback" not in bad.stderr
 
 
+def test_compare_two_versions_of_a_users_model(zoo: dict[str, Any]) -> None:
+    from mlflow_xai.compare_pipeline import compare_and_log
+
+    tuned = SmallConvNet().eval()
+    tuned.load_state_dict(zoo["conv"].state_dict())
+    with torch.no_grad():
+        tuned.head.weight.mul_(1.5)  # only the head changes
+    _logged(tuned, zoo["images"][:4], "convnet", registered="convnet")
+    out = compare_and_log("models:/convnet/1", "models:/convnet/2", data=str(zoo["root"] / "images.npz"),
+                          fail_above=0.1, quiet=True)
+    data = out.data
+    assert data["a"]["model_format"] == "pt2" and data["b"]["version"] == "2"
+    assert data["weights"]["head"]["relative_l2"] == pytest.approx(0.5, rel=1e-5)
+    assert data["weights"]["features.0.conv"]["relative_l2"] == 0.0
+    assert data["activations"]["features.0.conv"]["relative_l2"] == 0.0 and data["activations"]["head"]["relative_l2"] > 0
+    assert data["data"]["task"] == "classification" and data["predictions"]["rows"] == 24
+    assert out.gate_failure is not None and "layer head drifted 0.5" in out.gate_failure
+
+
 def test_the_xai_evaluator_is_installed_as_an_mlflow_entry_point() -> None:
     found = [ep for ep in entry_points(group="mlflow.model_evaluator") if ep.name == "xai"]
     assert found and found[0].value == "mlflow_xai.evaluator:XAIEvaluator"

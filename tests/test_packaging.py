@@ -27,8 +27,9 @@ def test_mlproject_entry_points_and_parameters() -> None:
     assert set(spec["entry_points"]["train"]["parameters"]) == {
         "config", "data", "target", "register_as", "alias", "config_from_run", "config_from_experiment", "metric",
         "mode"}
-    assert set(spec["entry_points"]["explain"]["parameters"]) == {"run_id", "model_uri"}
-    assert set(spec["entry_points"]["compare"]["parameters"]) == {"a", "b", "fail_above"}
+    assert set(spec["entry_points"]["explain"]["parameters"]) == {
+        "run_id", "model_uri", "data", "target", "task", "allow_pickle"}
+    assert set(spec["entry_points"]["compare"]["parameters"]) == {"a", "b", "fail_above", "data", "allow_pickle"}
     for ep in spec["entry_points"].values():
         for name in ep["parameters"]:
             assert "{" + name + "}" in ep["command"]
