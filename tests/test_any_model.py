@@ -10,6 +10,7 @@ through ``mlflow.models.evaluate(..., evaluators=["xai"])`` with the installed e
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -212,7 +213,7 @@ def _failed_explain(expect: str, **kwargs: Any) -> mlflow.entities.Run:
     run = client.search_runs([e.experiment_id for e in client.search_experiments()],
                              filter_string="tags.`mlflow_xai.role` = 'explain'",
                              order_by=["attributes.start_time DESC"], max_results=1)[0]
-    assert run.info.status == "FAILED" and expect.split("(")[0] in run.data.tags["mlflow_xai.error"]
+    assert run.info.status == "FAILED" and re.search(expect, run.data.tags["mlflow_xai.error"])
     return run
 
 
@@ -247,6 +248,34 @@ def test_code_in_a_pickled_model_never_runs_without_the_opt_in(zoo: dict[str, An
     # The payload is live: with the opt-in, loading runs it (and what it returns is no module).
     _failed_explain("did not load as a torch.nn.Module", model_uri=info.model_uri, data=str(zoo["root"] / "table.csv"),
                     allow_pickle=True)
+    assert (tmp_path / "pwned").exists()
+
+
+def test_pt2_archive_with_a_pickled_record_is_refused_before_anything_runs(zoo: dict[str, Any],
+                                                                           tmp_path: Path) -> None:
+    import pickle
+    import zipfile
+
+    model_dir = Path(mlflow.artifacts.download_artifacts(zoo["dynamic_uri"], dst_path=str(tmp_path / "dl")))
+    payload = _Payload()
+    payload.marker = str(tmp_path / "pwned")
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": payload}, evil, pickle_module=pickle)
+    original = model_dir / "data" / "model.pt2"
+    tampered = tmp_path / "model.pt2"
+    with zipfile.ZipFile(original) as src, zipfile.ZipFile(tampered, "w") as dst:
+        for info in src.infolist():
+            data = evil.read_bytes() if info.filename.endswith("sample_inputs/model.pt") else src.read(info)
+            dst.writestr(info, data)
+    assert any(n.endswith("sample_inputs/model.pt") for n in zipfile.ZipFile(tampered).namelist())
+    tampered.replace(original)
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(model_dir), "tampered")
+    _failed_explain("holds '.*sample_inputs/model.pt', which is not plain tensors or JSON",
+                    model_uri=f"runs:/{run.info.run_id}/tampered", data=str(zoo["root"] / "table.csv"), target="y")
+    assert not (tmp_path / "pwned").exists()
+    # The payload is live: an unrestricted load of that record runs it.
+    torch.load(evil, weights_only=False)
     assert (tmp_path / "pwned").exists()
 
 
@@ -293,6 +322,16 @@ def test_cli_explains_a_users_model_and_refuses_pickle_in_one_line(zoo: dict[str
                         cwd=zoo["root"], env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "(explains models:/convnet/1)" in ok.stdout
+    # A pt2 model loads without mlflow.pytorch, so Lightning is never imported on that path.
+    probe = ("import sys; from mlflow_xai.cli import main\n"
+             "try:\n    main(standalone_mode=False)\n"
+             "finally:\n    print('lightning imported:', any(m.split('.')[0] in ('lightning', 'pytorch_lightning') "
+             "for m in sys.modules))")
+    lean = subprocess.run([sys.executable, "-c", probe, "explain", "--quiet", "--attributions", "none",
+                           "--model-uri", "models:/convnet/1", "--data", str(zoo["root"] / "images.npz")],
+                          cwd=zoo["root"], env=env, capture_output=True, text=True, timeout=300)
+    assert lean.returncode == 0, lean.stderr
+    assert "lightning imported: False" in lean.stdout
     bad = subprocess.run([sys.executable, "-m", "mlflow_xai", "explain", "--quiet", "--model-uri", "models:/lit/1"],
                          cwd=zoo["root"], env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2

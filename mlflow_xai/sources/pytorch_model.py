@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -127,20 +128,7 @@ def load_pytorch_model(model_dir: Path, uri: str, *, device: str = "cpu", allow_
 
 
 def _load_pt2(path: Path, uri: str) -> Any:
-    import mlflow.pytorch as mp
-    from mlflow.exceptions import MlflowException
-
-    # MLflow's own check (MLflow >= 3.x): the archive's records are raw tensors and plain
-    # text, no pickle stream that torch.export.load would run.
-    validate = getattr(mp, "_validate_pt2_archive_is_pickle_free", None)
-    if validate is not None:
-        try:
-            validate(str(path))
-        except MlflowException as exc:
-            raise XAIError(
-                f"the pt2 archive of {uri} holds pickled objects, which would run code on loading; "
-                "refusing it (re-export the model without custom objects)"
-            ) from exc
+    _check_pt2_archive(path, uri)
     try:
         return torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001 - a corrupt archive or one from an incompatible torch
@@ -149,6 +137,73 @@ def _load_pt2(path: Path, uri: str) -> Any:
             f"the pt2 archive of {uri} could not be loaded ({first}); it may come from another torch "
             f"version than {torch.__version__}"
         ) from exc
+
+
+# Records of a pt2 archive that torch.export.load reads without running code: short text
+# records, JSON (the graph, the configs), raw tensor bytes its configs mark use_pickle=false,
+# and torch.save files that torch's weights_only unpickler admits (the sample inputs).
+_TEXT_RECORDS = frozenset({"version", "archive_format", "archive_version", "byteorder", "serialization_id"})
+_TEXT_CONTENT = re.compile(rb"[A-Za-z0-9._-]{1,64}\n?")
+_PAYLOAD_CONFIG = re.compile(r"(?:^|/)data/(?:weights|constants)/[^/]+_config\.json$")
+_RAW_PREFIXES = ("weight_", "tensor_")
+
+
+def _check_pt2_archive(path: Path, uri: str) -> None:
+    """Refuse a pt2 archive holding any record that ``torch.export.load`` would unpickle freely.
+
+    The same rules as MLflow's own check for pt2 models (``mlflow.pytorch``), done here so
+    that loading a pt2 model does not import ``mlflow.pytorch`` (and with it Lightning).
+    A ``torch.save`` record must load with ``weights_only=True``: tensors and primitive
+    containers, no code.
+    """
+    import io
+    import json
+    import zipfile
+
+    def refuse(record: str) -> XAIError:
+        return XAIError(
+            f"the pt2 archive of {uri} holds {record!r}, which is not plain tensors or JSON and would be "
+            "unpickled on loading; refusing it (re-export the model without custom objects)"
+        )
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise refuse(path.name) from exc
+    with archive:
+        infos = [i for i in archive.infolist() if not i.is_dir()]
+        raw: set[str] = set()
+        pickled: set[str] = set()
+        for info in infos:
+            if not _PAYLOAD_CONFIG.search(info.filename):
+                continue
+            try:
+                entries = json.loads(archive.read(info)).get("config", {})
+            except (ValueError, AttributeError):
+                continue
+            folder = info.filename.rsplit("/", 1)[0]
+            for entry in entries.values() if isinstance(entries, dict) else ():
+                name = entry.get("path_name") if isinstance(entry, dict) else None
+                if not isinstance(name, str) or "/" in name:
+                    continue
+                ok = entry.get("use_pickle") is False and name.startswith(_RAW_PREFIXES)
+                (raw if ok else pickled).add(f"{folder}/{name}")
+        raw -= pickled
+        for info in infos:
+            if info.filename in raw:
+                continue
+            content = archive.read(info)
+            if info.filename.rsplit("/", 1)[-1] in _TEXT_RECORDS and _TEXT_CONTENT.fullmatch(content):
+                continue
+            try:
+                json.loads(content.decode("utf-8"))
+                continue
+            except (UnicodeDecodeError, ValueError):
+                pass
+            try:
+                torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - anything the restricted unpickler refuses
+                raise refuse(info.filename) from exc
 
 
 @contextlib.contextmanager
