@@ -381,6 +381,26 @@ def test_mlflow_evaluate_with_xai_beside_default(zoo: dict[str, Any]) -> None:
     assert summary["data"]["feature_names"] == FEATURES and summary["data"]["rows"] == 30
 
 
+def test_mlflow_evaluate_with_xai_alone_on_a_classifier(zoo: dict[str, Any]) -> None:
+    torch.manual_seed(1)
+    clf = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    data = zoo["table"][FEATURES].assign(label=np.arange(30) % 3)
+    uri = _logged(clf, data[FEATURES].to_numpy()[:4], "classifier")
+    with mlflow.start_run():
+        result = mlflow.models.evaluate(uri, data=data, targets="label", model_type="classifier",
+                                        evaluators=["xai"], evaluator_config={"xai": {"attributions": "none"}})
+    summary = result.artifacts["xai_summary"].content
+    assert summary["data"]["task"] == "classification"
+    assert summary["meta"]["gradient_of"].startswith("loss: cross-entropy")
+    x, y = torch.as_tensor(data[FEATURES].to_numpy()), torch.as_tensor(data["label"].to_numpy())
+    loss, norms = _grad_norms(clf, x, lambda o: nn.functional.cross_entropy(o, y))
+    assert result.metrics["batch_loss"] == pytest.approx(loss, rel=1e-5)
+    assert summary["layers"]["0"]["gradient"]["l2_norm"] == pytest.approx(norms["0"], rel=1e-4)
+    with pytest.raises(XAIError, match="evaluator_config key nosuch unknown"), mlflow.start_run():
+        mlflow.models.evaluate(uri, data=data, targets="label", model_type="classifier", evaluators=["xai"],
+                               evaluator_config={"xai": {"nosuch": 1}})
+
+
 def test_mlflow_evaluate_declines_models_that_are_not_pytorch(zoo: dict[str, Any]) -> None:
     from sklearn.linear_model import LinearRegression
 
