@@ -109,8 +109,6 @@ def test_compare_over_http(mlflow_server: MlflowServer, served: dict[str, Any], 
 
     from mlflow_xai.cli import main
 
-    if "compare" not in main.commands:  # type: ignore[attr-defined]
-        pytest.skip("`mlflow-xai compare` does not exist yet (issue 6)")
     use_server(monkeypatch, mlflow_server.uri, tmp_path)
     result = CliRunner().invoke(main, ["compare", "--quiet", "--rows", "32", served["train_run_id"],
                                        "models:/served@champion"])
