@@ -68,7 +68,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from mlflow_xai import checkpoint as ckpt_mod
 from mlflow_xai import pipeline, tracking
 from mlflow_xai import train as train_mod
-from mlflow_xai.config import TunedConfig
+from mlflow_xai.config import TrainerOptions, TunedConfig
 from mlflow_xai.data import load_dataset, split_dataset
 from mlflow_xai.train import XAIModule
 
@@ -165,7 +165,8 @@ def plain_fit(cfg: TunedConfig, part: str | None = None, tmp: Path | None = None
             callbacks.append(tracking.epoch_metrics_callback())
         if part == "same":  # mlflow-xai's own Trainer, nothing of MLflow
             assert tmp is not None
-            trainer, _ = train_mod.build_trainer(cfg, tmp / "parts" / str(time.monotonic_ns()), quiet=True)
+            trainer, _ = train_mod.build_trainer(cfg, tmp / "parts" / str(time.monotonic_ns()),
+                                                 TrainerOptions(quiet=True))
         else:
             trainer = L.Trainer(
                 max_epochs=cfg.epochs,

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
+from mlflow_xai.config import SplitSpec
 from mlflow_xai.errors import XAIError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -87,9 +88,9 @@ def main() -> None:
               help="Register the logged model under this name.")
 @click.option("--alias", default=None, callback=_empty_is_none,
               help="Set this alias on the registered version (needs --register-as).")
-@click.option("--test-size", default=0.4, show_default=True, type=float,
+@click.option("--test-size", default=SplitSpec.test_size, show_default=True, type=float,
               help="Share of the rows that form the test part (trained on, as in the cookbook).")
-@click.option("--seed", default=42, show_default=True, type=int)
+@click.option("--seed", default=SplitSpec.seed, show_default=True, type=int)
 @click.option("--accelerator", default="auto", show_default=True, help="Lightning accelerator: auto, cpu, gpu, mps.")
 @click.option("--devices", default="auto", show_default=True, help="Lightning devices: auto or a count.")
 @click.option("--strategy", default="auto", show_default=True, help="Lightning strategy, e.g. ddp.")
@@ -117,7 +118,7 @@ def train(config: str | None, config_from_run: str | None, config_from_experimen
     out = train_and_log(
         config, data=data, target=target, task=task, experiment=experiment,
         register_as=register_as, alias=alias, test_size=test_size, seed=seed,
-        accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices,
+        accelerator=accelerator, devices=devices,
         strategy=strategy, num_nodes=num_nodes, workdir=workdir, monitor=monitor, monitor_every_n_steps=monitor_every,
         monitor_histograms_every_n_epochs=histograms_every, quiet=quiet,
         config_from_run=config_from_run, config_from_experiment=config_from_experiment, metric=metric,

@@ -101,7 +101,7 @@ class _Side:
     """One side of the comparison: our checkpoint (``meta`` set) or any MLflow PyTorch model."""
 
     model: Any
-    meta: dict[str, Any] | None = None  # our checkpoint's metadata
+    meta: Any = None  # our checkpoint's CheckpointMeta
     config: dict[str, Any] | None = None
     model_format: str = "mlflow-xai checkpoint"
     model_dir: Path | None = None
@@ -113,8 +113,8 @@ class _Side:
 
         if self.meta is None:
             return torch.as_tensor(raw.astype(np.float32) if raw.dtype == np.float64 else raw)
-        mean = np.asarray(self.meta.get("mean") or np.zeros(raw.shape[1]), dtype=np.float64)
-        std = np.asarray(self.meta.get("std") or np.ones(raw.shape[1]), dtype=np.float64)
+        mean = np.asarray(self.meta.mean or np.zeros(raw.shape[1]), dtype=np.float64)
+        std = np.asarray(self.meta.std or np.ones(raw.shape[1]), dtype=np.float64)
         return torch.as_tensor(((raw - mean) / std).astype(np.float32))
 
     def predictions(self, out: np.ndarray, task: str) -> np.ndarray:
@@ -123,7 +123,7 @@ class _Side:
 
         if self.meta is None or task != "regression":
             return out
-        return raw_target(out, float(self.meta.get("target_mean", 0.0)), float(self.meta.get("target_std", 1.0)))
+        return raw_target(out, self.meta.target_mean, self.meta.target_std)
 
 
 def _load_side(source: tracking.Source, dst: Path, dev: str, allow_pickle: bool, side: str) -> _Side:
@@ -148,8 +148,8 @@ def _rows(side_a: _Side, data: str | None, rows: int) -> tuple[np.ndarray, dict[
     if side_a.meta is not None:
         ma = side_a.meta
         _, X, _ = _explain_data(ma, data, rows)
-        raw = X.astype(np.float64) * np.asarray(ma["std"]) + np.asarray(ma["mean"])  # A's test rows, raw units
-        return raw, {"data": ma.get("data"), "rows": len(X), "feature_names": list(ma["feature_names"])}
+        raw = X.astype(np.float64) * np.asarray(ma.std) + np.asarray(ma.mean)  # A's test rows, raw units
+        return raw, {"data": ma.data, "rows": len(X), "feature_names": list(ma.feature_names)}
     from mlflow_xai.sources.inputs import load_model_inputs
 
     got = load_model_inputs(data, None, model_dir=side_a.model_dir, mlmodel=side_a.mlmodel, rows=rows)
@@ -180,18 +180,18 @@ def _compare_in_run(run_id: str, refs: tuple[str, str], sources: tuple[tracking.
     lb = _load_side(sources[1], tmp / "b", dev, allow_pickle, "B")
     ma, mb = la.meta, lb.meta
     if ma is not None and mb is not None:
-        if ma["task"] != mb["task"]:
-            raise XAIError(f"A is a {ma['task']} model and B a {mb['task']} model; compare models of the same task")
-        if list(ma["feature_names"]) != list(mb["feature_names"]):
-            raise XAIError(f"A and B take different inputs ({list(ma['feature_names'])[:6]}... vs "
-                           f"{list(mb['feature_names'])[:6]}...); compare models trained on the same features")
+        if ma.task != mb.task:
+            raise XAIError(f"A is a {ma.task} model and B a {mb.task} model; compare models of the same task")
+        if ma.feature_names != mb.feature_names:
+            raise XAIError(f"A and B take different inputs ({list(ma.feature_names)[:6]}... vs "
+                           f"{list(mb.feature_names)[:6]}...); compare models trained on the same features")
 
     say("3/5 comparing weights, activations and predictions")
     raw, data_section = _rows(la, data, rows)
     for side, name in ((lb, "B"), (la, "A")):
-        if side.meta is not None and (raw.ndim != 2 or raw.shape[1] != len(side.meta["feature_names"])):
+        if side.meta is not None and (raw.ndim != 2 or raw.shape[1] != side.meta.n_in):
             raise XAIError(f"the rows have shape {tuple(raw.shape[1:])}, but model {name} was trained on "
-                           f"{len(side.meta['feature_names'])} features; pass the data both models take")
+                           f"{side.meta.n_in} features; pass the data both models take")
     drifts, only_a, only_b, mismatched = weight_drift(la.model, lb.model, bins=bins)
     try:
         shifts, out_a, out_b = compare_activations(la.model, lb.model, la.inputs(raw), lb.inputs(raw), bins=bins)
@@ -200,11 +200,11 @@ def _compare_in_run(run_id: str, refs: tuple[str, str], sources: tuple[tracking.
         raise XAIError(f"the models do not both run on {data_section['data']} (rows of shape "
                        f"{tuple(raw.shape[1:])}): {first}; pass the data both models take") from exc
     known = ma or mb
-    task = known["task"] if known is not None else resolve_task(task, tuple(out_a.shape))
+    task = known.task if known is not None else resolve_task(task, tuple(out_a.shape))
     # Predictions in the target's own units, each of ours with its own scale.
     out_a, out_b = la.predictions(out_a, task), lb.predictions(out_b, task)
     preds = prediction_shift(out_a, out_b, task)
-    target_name = str((known or {}).get("target") or "")
+    target_name = str(known.target or "") if known is not None else ""
 
     gate_failure = None
     top = max(drifts.items(), key=lambda kv: _nan_high(kv[1].relative_l2), default=None)

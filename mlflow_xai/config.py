@@ -261,6 +261,56 @@ class TunedConfig:
         return cls.from_dict(values), tuple(filled)
 
 
+@dataclass(frozen=True)
+class SplitSpec:
+    """Which rows form the cookbook's test part and its validation fraction; validated on creation.
+
+    The same spec always picks the same rows, which is how ``explain`` finds the data a
+    model was trained on (the spec travels inside the checkpoint).
+    """
+
+    test_size: float = 0.4  # share of the rows in the test part (trained on, as in the cookbook)
+    seed: int = 42
+    val_fraction: float = 0.2  # share of the test part held out for early stopping
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.test_size, (int, float)) and 0.0 < self.test_size < 1.0):
+            raise XAIError(f"test_size={self.test_size} is invalid; use a number in (0, 1)")
+        if not (isinstance(self.val_fraction, (int, float)) and 0.0 < self.val_fraction < 1.0):
+            raise XAIError(f"val_fraction={self.val_fraction} is invalid; use a number in (0, 1)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise XAIError(f"seed={self.seed!r} is invalid; use a whole number")
+
+
+@dataclass(frozen=True)
+class TrainerOptions:
+    """How Lightning runs the fit, validated once where it enters (the CLI or ``train_and_log``).
+
+    The values go to ``lightning.Trainer`` as they are; ``quiet`` turns off its progress
+    bar, its model summary and its info lines.
+    """
+
+    accelerator: str = "auto"  # auto, cpu, gpu, mps, ...
+    devices: int | str = "auto"  # auto, or a count
+    strategy: str = "auto"  # auto, ddp, ...
+    num_nodes: int = 1  # machines of a multi-node DDP fit
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        devices = self.devices
+        if isinstance(devices, str) and devices.strip().isdigit():
+            object.__setattr__(self, "devices", int(devices))
+        elif not (devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool))):
+            raise XAIError(f"--devices {devices!r} is invalid; use auto or a count such as 2")
+        if isinstance(self.devices, int) and self.devices < 1:
+            raise XAIError(f"--devices {self.devices} is invalid; use auto or a count of 1 or more")
+        if not isinstance(self.num_nodes, int) or isinstance(self.num_nodes, bool) or self.num_nodes < 1:
+            raise XAIError(f"--num-nodes {self.num_nodes!r} is invalid; use 1 or more")
+        for key in ("accelerator", "strategy"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key).strip():
+                raise XAIError(f"--{key} {getattr(self, key)!r} is invalid; use auto or a name Lightning knows")
+
+
 def _parse_param(key: str, text: str, default: Any) -> Any:
     """A config value from its string form in MLflow params; validation is from_dict's job."""
     if key == "hidden_sizes":

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from mlflow_xai.config import SplitSpec
 from mlflow_xai.errors import XAIError
 
 Task = Literal["regression", "classification"]
@@ -67,6 +68,12 @@ class Split:
     seed: int
     test_size: float
     val_fraction: float
+
+
+    @property
+    def spec(self) -> SplitSpec:
+        """The spec that picked these rows."""
+        return SplitSpec(test_size=self.test_size, seed=self.seed, val_fraction=self.val_fraction)
 
 
 def raw_target(y: np.ndarray, y_mean: float, y_std: float) -> np.ndarray:
@@ -190,17 +197,20 @@ def _infer_task(y: object) -> Task:
 
 
 def split_dataset(
-    ds: Dataset, *, test_size: float = 0.4, seed: int = 42, val_fraction: float = 0.2
+    ds: Dataset, spec: SplitSpec | None = None, *, test_size: float | None = None, seed: int | None = None,
+    val_fraction: float | None = None,
 ) -> Split:
     """The cookbook's split: train on the test part, early-stop on a fraction of it.
 
-    The same ``(test_size, seed, val_fraction)`` always gives the same rows, which is
-    how ``explain`` finds the data a model was trained on.
+    ``spec`` (default :class:`SplitSpec`'s defaults) picks the rows; the keyword
+    arguments override its fields one by one.
     """
-    if not 0.0 < test_size < 1.0:
-        raise XAIError(f"test_size={test_size} is invalid; use a number in (0, 1)")
-    if not 0.0 < val_fraction < 1.0:
-        raise XAIError(f"val_fraction={val_fraction} is invalid; use a number in (0, 1)")
+    spec = spec or SplitSpec()
+    overrides = {k: v for k, v in (("test_size", test_size), ("seed", seed), ("val_fraction", val_fraction))
+                 if v is not None}
+    if overrides:
+        spec = SplitSpec(**{**spec.__dict__, **overrides})
+    test_size, seed, val_fraction = spec.test_size, spec.seed, spec.val_fraction
     from sklearn.model_selection import train_test_split
 
     n = len(ds.X)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mlflow_xai import tracking
-from mlflow_xai.config import TunedConfig, load_config
+from mlflow_xai.config import SplitSpec, TrainerOptions, TunedConfig, load_config
 from mlflow_xai.errors import XAIError
 
 
@@ -95,9 +95,9 @@ def train_and_log(
     experiment: str | None = None,
     register_as: str | None = None,
     alias: str | None = None,
-    test_size: float = 0.4,
-    seed: int = 42,
-    val_fraction: float = 0.2,
+    test_size: float = SplitSpec.test_size,
+    seed: int = SplitSpec.seed,
+    val_fraction: float = SplitSpec.val_fraction,
     accelerator: str = "auto",
     devices: int | str = "auto",
     strategy: str = "auto",
@@ -128,6 +128,10 @@ def train_and_log(
     if alias and not register_as:
         raise XAIError("--alias needs --register-as NAME: an alias names a registered model version")
     _check_config_choice(config, config_from_run, config_from_experiment, metric, mode)
+    # Validated here, where they enter, before any run starts.
+    split_spec = SplitSpec(test_size=test_size, seed=seed, val_fraction=val_fraction)
+    trainer_options = TrainerOptions(accelerator=accelerator, devices=devices, strategy=strategy,
+                                     num_nodes=num_nodes, quiet=quiet)
     data_spec = data or "diabetes"
     with tracking.run_context(experiment) as run:
         run_id = run.info.run_id
@@ -139,7 +143,7 @@ def train_and_log(
         else:
             cfg = config if isinstance(config, TunedConfig) else load_config(config)
         ds = load_dataset(data_spec, target, task)
-        split = split_dataset(ds, test_size=test_size, seed=seed, val_fraction=val_fraction)
+        split = split_dataset(ds, split_spec)
         cfg.check_size(ds.X.shape[1], ds.n_out)
         params: dict[str, Any] = {**cfg.to_dict(), "learning_rate": cfg.learning_rate}
         if cfg.hidden_sizes is not None:
@@ -164,8 +168,7 @@ def train_and_log(
                 histogram_every_n_epochs=monitor_histograms_every_n_epochs, quiet=quiet,
                 module="net",  # layer names as explain gives them: layers.0, not net.layers.0
             ))
-        result = fit(cfg, ds, split, out_dir, meta, accelerator=accelerator, devices=devices,
-                     strategy=strategy, num_nodes=num_nodes, quiet=quiet, callbacks=callbacks)
+        result = fit(cfg, ds, split, out_dir, meta, trainer_options, callbacks=callbacks)
         if not result.trainer.is_global_zero:
             # Under DDP only rank 0 logs; the other ranks are done once the fit is.
             return TrainOutcome(run_id, run.info.experiment_id, {}, workdir=out_dir)
@@ -288,22 +291,24 @@ def parse_attributions(spec: str | None) -> tuple[str, ...]:
     return methods
 
 
-def _explain_data(meta: dict[str, Any], data_override: str | None, batch_rows: int) -> tuple[Any, Any, Any]:
-    """The test part the model was trained on: same data, split and standardization as training."""
+def _explain_data(meta: Any, data_override: str | None, batch_rows: int) -> tuple[Any, Any, Any]:
+    """The test part the model was trained on: same data, split and standardization as training.
+
+    ``meta`` is the checkpoint's :class:`~mlflow_xai.checkpoint.CheckpointMeta`.
+    """
     from mlflow_xai.data import load_dataset, split_dataset
 
-    spec = data_override or meta.get("data") or "diabetes"
+    spec = data_override or meta.data or "diabetes"
     try:
-        ds = load_dataset(spec, meta.get("target") if spec != "diabetes" else None, meta["task"])
+        ds = load_dataset(spec, meta.target if spec != "diabetes" else None, meta.task)
     except XAIError as exc:
-        raise XAIError(f"{exc} (the train run used data {meta.get('data')!r}; pass --data PATH to point at it)") from exc
-    if tuple(ds.feature_names) != tuple(meta["feature_names"]):
+        raise XAIError(f"{exc} (the train run used data {meta.data!r}; pass --data PATH to point at it)") from exc
+    if tuple(ds.feature_names) != tuple(meta.feature_names):
         raise XAIError(
             f"data {spec!r} has features {list(ds.feature_names)[:6]}..., not the ones the model was trained on "
-            f"({list(meta['feature_names'])[:6]}...); pass the training table with --data"
+            f"({list(meta.feature_names)[:6]}...); pass the training table with --data"
         )
-    split = split_dataset(ds, test_size=float(meta.get("test_size", 0.4)), seed=int(meta.get("seed", 42)),
-                          val_fraction=float(meta.get("val_fraction", 0.2)))
+    split = split_dataset(ds, meta.split)
     X, y = split.X_test[:batch_rows], split.y_test[:batch_rows]
     return ds, X, y
 
@@ -510,12 +515,12 @@ def _checkpoint_subject(source: tracking.Source, tmp: Path, dev: str, opts: Expl
     loaded, train_run = load_source(source, tmp, dev)
     meta = loaded.meta
     _, X, y = _explain_data(meta, opts.data, opts.batches * loaded.cfg.batch_size)
-    task = meta["task"]
+    task = meta.task
     targets = torch.as_tensor(y, dtype=torch.long if task == "classification" else torch.float32)
     return _Subject(
         model=loaded.model, inputs=torch.as_tensor(X), targets=targets, loss_fn=None, task=task,
-        feature_names=list(meta["feature_names"]),
-        data={"data": meta.get("data"), "task": task, "rows": len(X), "feature_names": meta["feature_names"]},
+        feature_names=list(meta.feature_names),
+        data={"data": meta.data, "task": task, "rows": len(X), "feature_names": list(meta.feature_names)},
         baseline=np.zeros(X.shape[1], dtype=np.float32),  # the training mean, after standardization
         gradient_of=("loss: cross-entropy with the targets" if task == "classification"
                      else "loss: mean squared error with the targets"),

@@ -24,11 +24,12 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from mlflow_xai.config import TunedConfig
+from mlflow_xai.checkpoint import CHECKPOINT_FORMAT, CheckpointMeta
+from mlflow_xai.config import TrainerOptions, TunedConfig
 from mlflow_xai.data import Dataset, Split
 from mlflow_xai.nets import MLP, loss_for
 
-CHECKPOINT_FORMAT = 1
+__all__ = ["CHECKPOINT_FORMAT", "FitResult", "XAIModule", "build_trainer", "checkpoint_meta", "fit"]
 
 
 class XAIModule(L.LightningModule):
@@ -95,15 +96,12 @@ class FitResult:
 def build_trainer(
     cfg: TunedConfig,
     out_dir: Path,
+    options: TrainerOptions | None = None,
     *,
-    accelerator: str = "auto",
-    devices: int | str = "auto",
-    strategy: str = "auto",
-    num_nodes: int = 1,
-    quiet: bool = False,
     callbacks: Sequence[Callback] = (),
 ) -> tuple[L.Trainer, ModelCheckpoint]:
     """A Trainer with early stopping, last+best checkpoints and TensorBoard logs under ``out_dir``."""
+    opts = options or TrainerOptions()
     checkpoint = ModelCheckpoint(
         dirpath=out_dir / "checkpoints",
         filename="best",
@@ -116,15 +114,15 @@ def build_trainer(
     logger = TensorBoardLogger(save_dir=str(out_dir), name="tensorboard", version="")
     trainer = L.Trainer(
         max_epochs=cfg.epochs,
-        accelerator=accelerator,
-        devices=devices,
-        strategy=strategy,
-        num_nodes=num_nodes,
+        accelerator=opts.accelerator,
+        devices=opts.devices,
+        strategy=opts.strategy,
+        num_nodes=opts.num_nodes,
         callbacks=[early, checkpoint, *callbacks],
         logger=logger,
         # Lightning's bar when interactive; none under --quiet or when stderr is a file or pipe.
-        enable_progress_bar=not quiet and sys.stderr.isatty(),
-        enable_model_summary=not quiet,
+        enable_progress_bar=not opts.quiet and sys.stderr.isatty(),
+        enable_model_summary=not opts.quiet,
         num_sanity_val_steps=0,
         log_every_n_steps=1,
         deterministic=False,
@@ -145,25 +143,8 @@ def _loader(X: np.ndarray, y: np.ndarray, task: str, batch_size: int, shuffle: b
 
 
 def checkpoint_meta(cfg: TunedConfig, ds: Dataset, split: Split, data_spec: str) -> dict[str, Any]:
-    """What a checkpoint carries to describe itself: plain Python types only."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "config": cfg.to_dict(),
-        "n_in": int(ds.X.shape[1]),
-        "n_out": int(ds.n_out),
-        "task": ds.task,
-        "feature_names": list(ds.feature_names),
-        "classes": list(ds.classes),
-        "target": ds.target,
-        "data": data_spec,
-        "test_size": split.test_size,
-        "seed": split.seed,
-        "val_fraction": split.val_fraction,
-        "mean": [float(v) for v in split.mean],
-        "std": [float(v) for v in split.std],
-        "target_mean": split.y_mean,
-        "target_std": split.y_std,
-    }
+    """What a checkpoint carries to describe itself (:class:`CheckpointMeta`'s stored form)."""
+    return CheckpointMeta.describe(cfg, ds, split, data_spec).to_dict()
 
 
 def fit(
@@ -172,25 +153,19 @@ def fit(
     split: Split,
     out_dir: Path,
     meta: dict[str, Any],
+    options: TrainerOptions | None = None,
     *,
-    accelerator: str = "auto",
-    devices: int | str = "auto",
-    strategy: str = "auto",
-    num_nodes: int = 1,
-    quiet: bool = False,
     callbacks: Sequence[Callback] = (),
 ) -> FitResult:
     """Seed everything, build the module and the Trainer, fit; Ctrl-C ends it gracefully."""
-    if quiet:
+    options = options or TrainerOptions()
+    if options.quiet:
         # Lightning's info lines (GPU available, tips, model summary) are noise under --quiet.
         for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
             logging.getLogger(name).setLevel(logging.WARNING)
     L.seed_everything(split.seed, workers=True, verbose=False)
     module = XAIModule(cfg, ds.X.shape[1], ds.n_out, ds.task, meta)
-    trainer, ckpt = build_trainer(
-        cfg, out_dir, accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
-        quiet=quiet, callbacks=callbacks,
-    )
+    trainer, ckpt = build_trainer(cfg, out_dir, options, callbacks=callbacks)
     train_dl, val_dl = loaders(split, ds.task, cfg.batch_size)
     interrupted = False
     with warnings.catch_warnings():

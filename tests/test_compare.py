@@ -138,8 +138,8 @@ def test_compare_two_versions_of_one_architecture(study: dict[str, Any]) -> None
     x = torch.as_tensor(split.X_test[:40])
     with torch.no_grad():
         hidden_a, hidden_b = a.model.layers[:2](x), b.model.layers[:2](x)
-        pa = a.model(x).squeeze(-1).double() * a.meta["target_std"] + a.meta["target_mean"]
-        pb = b.model(x).squeeze(-1).double() * b.meta["target_std"] + b.meta["target_mean"]
+        pa = a.model(x).squeeze(-1).double() * a.meta.target_std + a.meta.target_mean
+        pb = b.model(x).squeeze(-1).double() * b.meta.target_std + b.meta.target_mean
     act = data["activations"]["layers.1"]  # the first ReLU
     assert act["relative_l2"] == pytest.approx(float(torch.linalg.vector_norm((hidden_b - hidden_a).double())
                                                      / torch.linalg.vector_norm(hidden_a.double())), rel=1e-5)
