@@ -13,7 +13,7 @@ exactly 30 epochs) run alternately in one process (imports warm), ``--repeats`` 
 * ``same trainer``: the Trainer mlflow-xai fits with (``mlflow_xai.train.build_trainer``:
   EarlyStopping, ModelCheckpoint last + best, TensorBoardLogger), without MLflow: what
   the cookbook's Lightning workflow does, so ``mlflow-xai`` over it is MLflow's own cost;
-* ``mlflow-xai``: ``mlflow_xai.pipeline.train_and_log(..., monitor=False, quiet=True)``:
+* ``mlflow-xai``: ``mlflow_xai.jobs.train.train_and_log(..., monitor=False, quiet=True)``:
   the fit with last/best checkpoints, TensorBoard and per-epoch metrics, then the
   artifacts (config, checkpoints, event files), the test metrics and the MLflow model
   (torch.export ``pt2``, with signature and input example);
@@ -66,10 +66,11 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from mlflow_xai import checkpoint as ckpt_mod
-from mlflow_xai import pipeline, tracking
+from mlflow_xai import tracking
 from mlflow_xai import train as train_mod
 from mlflow_xai.config import TrainerOptions, TunedConfig
 from mlflow_xai.data import load_dataset, split_dataset
+from mlflow_xai.jobs import train as train_job
 from mlflow_xai.train import XAIModule
 
 # Stages of train_and_log, timed by wrapping the module attributes the pipeline calls.
@@ -79,7 +80,7 @@ STAGES: dict[str, list[tuple[Any, str]]] = {
     "artifacts": [(tracking, "log_artifact"), (tracking, "log_artifacts")],
     "sha256": [(ckpt_mod, "sha256_file")],
     "params/tags/metrics": [(tracking, "log_params"), (tracking, "set_tags"), (tracking, "log_metrics")],
-    "test metrics": [(pipeline, "test_metrics")],
+    "test metrics": [(train_job, "test_metrics")],
 }
 
 
@@ -187,7 +188,7 @@ def plain_fit(cfg: TunedConfig, part: str | None = None, tmp: Path | None = None
 def xai_fit(cfg: TunedConfig, experiment: str, workdir: Path, timer: StageTimer, **kwargs: Any) -> tuple[float, int]:
     timer.reset()
     start = time.perf_counter()
-    pipeline.train_and_log(cfg, experiment=experiment, workdir=workdir, quiet=True, **kwargs)
+    train_job.train_and_log(cfg, experiment=experiment, workdir=workdir, quiet=True, **kwargs)
     total = time.perf_counter() - start
     timer.times["total"] = total
     return total, timer.epochs_run or -1

@@ -1,4 +1,4 @@
-"""The ``mlflow-xai`` command line: thin click commands over :mod:`mlflow_xai.pipeline`.
+"""The ``mlflow-xai`` command line: thin click commands over :mod:`mlflow_xai.jobs`.
 
 Heavy imports (torch, Lightning, MLflow) happen inside the commands, so ``--help``
 answers at once. A user's mistake (:class:`XAIError`) prints one line on stderr and
@@ -112,7 +112,7 @@ def train(config: str | None, config_from_run: str | None, config_from_experimen
           accelerator: str, devices: str, strategy: str, num_nodes: int, monitor: bool, monitor_every: int,
           histograms_every: int | None, workdir: str | None, quiet: bool) -> None:
     """Train the tuned config on the test data and log it all to MLflow."""
-    from mlflow_xai.pipeline import train_and_log
+    from mlflow_xai.jobs.train import train_and_log
 
     _quiet_mlflow(quiet)
     out = train_and_log(
@@ -182,7 +182,7 @@ def explain(run_id: str | None, model_uri: str | None, experiment: str | None, d
     import matplotlib.figure  # noqa: F401 - imported before gc.freeze below
     import torch  # noqa: F401
 
-    from mlflow_xai.pipeline import explain_and_log
+    from mlflow_xai.jobs.explain import explain_and_log
 
     _quiet_mlflow(quiet)
     # The long-lived torch/MLflow objects need no scanning: full GC passes otherwise cost
@@ -243,7 +243,7 @@ def compare(a: str, b: str, experiment: str | None, rows: int, fail_above: float
             data: str | None, task: str, allow_pickle: bool, allow_pickle_value: bool, quiet: bool) -> None:
     """Compare model B with model A: each a run id or a model URI (models:/NAME@ALIAS, models:/NAME/VERSION,
     models:/MODEL_ID, runs:/RUN_ID/PATH), a train run's model or any MLflow PyTorch model."""
-    from mlflow_xai.compare_pipeline import compare_and_log
+    from mlflow_xai.jobs.compare import compare_and_log
 
     _quiet_mlflow(quiet)
     out = compare_and_log(a, b, experiment=experiment, rows=rows, fail_above=fail_above, device=device,

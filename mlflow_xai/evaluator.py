@@ -50,7 +50,7 @@ class XAIEvaluator(ModelEvaluator):
         import mlflow
 
         from mlflow_xai import tracking
-        from mlflow_xai.pipeline import ExplainOptions, explain_in_run, parse_attributions
+        from mlflow_xai.jobs.explain import ExplainOptions, explain_in_run, parse_attributions
         from mlflow_xai.sources.inputs import inputs_from_frame
 
         config = dict(evaluator_config or {})

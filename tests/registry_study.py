@@ -29,7 +29,7 @@ def log_trial(params: dict[str, Any], metrics: dict[str, float], status: str = "
 def registry_study(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Experiment ``tune`` with three trials (and a failed one); ``reg`` v1 (@champion, the best
     trial by val_loss) and v2 (@challenger, from trial 1), same architecture, in experiment ``prod``."""
-    from mlflow_xai.pipeline import train_and_log
+    from mlflow_xai.jobs.train import train_and_log
     from tests.conftest import _isolate
 
     root = tmp_path_factory.mktemp("registry")

@@ -28,7 +28,7 @@ from mlflow import MlflowClient
 from torch import nn
 
 from mlflow_xai.errors import XAIError
-from mlflow_xai.pipeline import explain_and_log
+from mlflow_xai.jobs.explain import explain_and_log
 from tests.conftest import _isolate, env_for
 from tests.user_models import LitRegressor, Regressor, SmallConvNet
 
@@ -340,7 +340,7 @@ def test_cli_explains_a_users_model_and_refuses_pickle_in_one_line(zoo: dict[str
 
 
 def test_compare_two_versions_of_a_users_model(zoo: dict[str, Any]) -> None:
-    from mlflow_xai.compare_pipeline import compare_and_log
+    from mlflow_xai.jobs.compare import compare_and_log
 
     tuned = SmallConvNet().eval()
     tuned.load_state_dict(zoo["conv"].state_dict())

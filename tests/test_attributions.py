@@ -1,4 +1,4 @@
-"""Tests of mlflow_xai.inspect.attributions and mlflow_xai.attribution_plots.
+"""Tests of mlflow_xai.inspect.attributions and mlflow_xai.figures.attributions.
 
 Tiny nets with hand-set weights give closed-form expected values; the nonlinear
 nets check completeness within the tolerances documented in the module.
@@ -17,8 +17,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from torch import nn
 
-from mlflow_xai.attribution_plots import attribution_bar, conductance_figure, weights_vs_conductance
 from mlflow_xai.errors import XAIError
+from mlflow_xai.figures.attributions import attribution_bar, conductance_figure, weights_vs_conductance
 from mlflow_xai.inspect.attributions import (
     METHODS,
     attribute,
@@ -428,7 +428,7 @@ def test_imports_do_not_load_pyplot() -> None:
         "assert not any(m.startswith('matplotlib') for m in sys.modules), 'inspect imported matplotlib'\n"
         # captum.attr imports pyplot itself, so it must be imported lazily
         "assert 'captum' not in sys.modules, 'captum imported eagerly'\n"
-        "import mlflow_xai.attribution_plots\n"
+        "import mlflow_xai.figures.attributions\n"
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)

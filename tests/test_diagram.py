@@ -1,4 +1,4 @@
-"""Tests for mlflow_xai.diagram: DOT from torchviz, rendering through graphviz-pure."""
+"""Tests for mlflow_xai.figures.diagram: DOT from torchviz, rendering through graphviz-pure."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from mlflow_xai import diagram
-from mlflow_xai.diagram import architecture_dot, find_dot, render_all, render_dot
 from mlflow_xai.errors import XAIError
+from mlflow_xai.figures import diagram
+from mlflow_xai.figures.diagram import architecture_dot, find_dot, render_all, render_dot
 
 needs_dot = pytest.mark.skipif(find_dot() is None, reason="no Graphviz renderer installed")
 

@@ -19,7 +19,8 @@ from mlflow import MlflowClient
 
 from mlflow_xai.checkpoint import sha256_file
 from mlflow_xai.errors import XAIError
-from mlflow_xai.pipeline import explain_and_log, train_and_log
+from mlflow_xai.jobs.explain import explain_and_log
+from mlflow_xai.jobs.train import train_and_log
 from tests.conftest import TINY_CONFIG, _isolate, env_for
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -60,7 +60,7 @@ def _when_training(work: Path, action: Any) -> threading.Thread:
 
 def test_server_restarted_within_the_retry_window_loses_nothing(
         own_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mlflow_xai.pipeline import train_and_log
+    from mlflow_xai.jobs.train import train_and_log
 
     use_server(monkeypatch, own_server.uri, tmp_path)
     # Retries 0, 2, 4, 8, 16, 32 s apart: a window of about a minute for a ~10 s restart.
@@ -233,7 +233,7 @@ class BreakingProxy:
 def test_a_broken_download_is_never_loaded(mlflow_server: MlflowServer, served: dict[str, Any], tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch, mode: str, expect: str) -> None:
     import mlflow_xai.checkpoint as checkpoint
-    from mlflow_xai.pipeline import explain_and_log
+    from mlflow_xai.jobs.explain import explain_and_log
 
     loads: list[Path] = []
     real_load = checkpoint.load_checkpoint

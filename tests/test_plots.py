@@ -13,15 +13,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.transforms import Bbox
 
-from mlflow_xai import plots as plots_mod
-from mlflow_xai.inspect.results import Histogram, LayerActivations, LayerWeights, TensorStats
-from mlflow_xai.plots import (
+from mlflow_xai.figures import layers as plots_mod
+from mlflow_xai.figures.layers import (
     MAX_PIXELS,
     distribution_grid,
-    figure_to_png,
     heatmap,
     mean_activation_map,
 )
+from mlflow_xai.figures.style import figure_to_png
+from mlflow_xai.inspect.results import Histogram, LayerActivations, LayerWeights, TensorStats
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -245,10 +245,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from mlflow_xai import diagram, plots, report
-plots.figure_to_png(plots.heatmap("x", np.eye(3)))
+from mlflow_xai.figures import attributions, compare, diagram, layers, style
+from mlflow_xai.reports import explain
+style.figure_to_png(layers.heatmap("x", np.eye(3)))
 diagram.architecture_dot(torch.nn.Linear(2, 1), torch.zeros(1, 2))
-report.render_report({}, {}, title="t")
+explain.render_report({}, {}, title="t")
 assert "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
 """
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=60)

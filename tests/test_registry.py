@@ -14,7 +14,7 @@ from mlflow_xai import tracking
 from mlflow_xai.cli import main
 from mlflow_xai.config import TunedConfig
 from mlflow_xai.errors import XAIError
-from mlflow_xai.pipeline import explain_and_log
+from mlflow_xai.jobs.explain import explain_and_log
 from tests.conftest import _isolate
 from tests.registry_study import log_trial as _trial
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mlflow_xai.report import render_report
+from mlflow_xai.reports.explain import render_report
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"fake png body"
 SVG = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"></svg>'

@@ -40,7 +40,8 @@ def _rss_mib() -> float:
 def test_twenty_explains_finish_with_a_flat_memory_footprint(
         mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow_xai.config import TunedConfig
-    from mlflow_xai.pipeline import explain_and_log, train_and_log
+    from mlflow_xai.jobs.explain import explain_and_log
+    from mlflow_xai.jobs.train import train_and_log
 
     use_server(monkeypatch, mlflow_server.uri, tmp_path)
     cfg = TunedConfig.from_dict({"hidden_sizes": [16, 8], "epochs": 2, "batch_size": 32})

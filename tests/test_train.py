@@ -15,7 +15,7 @@ import torch
 from mlflow import MlflowClient
 
 from mlflow_xai.checkpoint import sha256_file
-from mlflow_xai.pipeline import train_and_log
+from mlflow_xai.jobs.train import train_and_log
 from tests.conftest import TINY_CONFIG, env_for
 
 REPO = Path(__file__).resolve().parents[1]

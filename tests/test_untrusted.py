@@ -60,7 +60,7 @@ def test_forged_checkpoint_config_is_refused_before_anything_is_built(
         mlflow_server: MlflowServer, served: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         edit: Any, expect: str) -> None:
     import mlflow_xai.checkpoint as checkpoint
-    from mlflow_xai.pipeline import explain_and_log
+    from mlflow_xai.jobs.explain import explain_and_log
 
     client = MlflowClient(mlflow_server.uri)
     run_id = _forged_run(mlflow_server.uri, served, tmp_path, edit)

@@ -1,8 +1,8 @@
 """Figures of a comparison of two networks (:mod:`mlflow_xai.inspect.compare`).
 
 Every function returns a :class:`matplotlib.figure.Figure` built without pyplot; the
-difference heatmaps are :func:`mlflow_xai.plots.heatmap` of ``W_b - W_a``, and the grids
-use the layout helpers of :mod:`mlflow_xai.plots`, so both kinds of figure look alike.
+difference heatmaps are :func:`mlflow_xai.figures.layers.heatmap` of ``W_b - W_a``, and the grids
+use the layout helpers of :mod:`mlflow_xai.figures.style`, so both kinds of figure look alike.
 """
 
 from __future__ import annotations
@@ -16,16 +16,17 @@ from matplotlib.figure import Figure
 from matplotlib.patches import StepPatch
 from matplotlib.ticker import FuncFormatter
 
-from mlflow_xai.plots import (
-    _HIST_CELL,
-    _HIST_GAP,
-    _HIST_MARGIN,
-    _NICE_STEPS,
-    _compact_count,
-    _fixed_grid,
-    _inches_rect,
-    _InViewLocator,
-    _message_figure,
+from mlflow_xai.figures.style import (
+    GRID_COLUMNS,
+    HIST_CELL,
+    HIST_GAP,
+    HIST_MARGIN,
+    NICE_STEPS,
+    InViewLocator,
+    compact_count,
+    fixed_grid,
+    inches_rect,
+    message_figure,
     style_panel,
 )
 
@@ -39,7 +40,6 @@ __all__ = ["drift_bars", "overlaid_distributions", "prediction_figure"]
 
 COLOR_A = "#4c72b0"
 COLOR_B = "#dd8452"
-_GRID_COLUMNS = 4
 
 
 def drift_bars(title: str, values: Mapping[str, float], *, threshold: float | None = None,
@@ -60,7 +60,7 @@ def drift_bars(title: str, values: Mapping[str, float], *, threshold: float | No
         1
     """
     if not values:
-        return _message_figure(title, "no layer in common")
+        return message_figure(title, "no layer in common")
     names = list(values)
     raw = np.array([values[n] for n in names], dtype=np.float64)
     finite = raw[np.isfinite(raw)]
@@ -68,13 +68,13 @@ def drift_bars(title: str, values: Mapping[str, float], *, threshold: float | No
     shown = np.where(np.isfinite(raw), raw, top)
     over = ~np.isfinite(raw) | ((raw > threshold) if threshold is not None else np.zeros_like(raw, dtype=bool))
     fig = Figure(figsize=(7.0, 1.0 + 0.28 * len(names)))
-    ax = fig.add_axes(_inches_rect(fig, left=1.6, right=0.3, bottom=0.5, top=0.4))
+    ax = fig.add_axes(inches_rect(fig, left=1.6, right=0.3, bottom=0.5, top=0.4))
     y = np.arange(len(names))
     ax.barh(y, shown, color=np.where(over, "#c44e52", COLOR_A), height=0.7)
     ax.set_yticks(y, names, fontsize=8)
     ax.set_ylim(len(names) - 0.5, -0.5)
     ax.set_xlim(0, top)
-    ax.xaxis.set_major_locator(_InViewLocator(nbins=6, steps=_NICE_STEPS))
+    ax.xaxis.set_major_locator(InViewLocator(nbins=6, steps=NICE_STEPS))
     ax.tick_params(axis="x", labelsize=8)
     for yi, v in zip(y, raw, strict=True):
         label = f"{v:.3g}" if math.isfinite(v) else ("NaN" if math.isnan(v) else "Inf")
@@ -100,10 +100,10 @@ def overlaid_distributions(title: str, pairs: Mapping[str, tuple[Histogram, Hist
         The figure; one saying "no layer in common" for an empty mapping.
     """
     if not pairs:
-        return _message_figure(title, "no layer in common")
-    ncols = min(_GRID_COLUMNS, len(pairs))
+        return message_figure(title, "no layer in common")
+    ncols = min(GRID_COLUMNS, len(pairs))
     nrows = math.ceil(len(pairs) / ncols)
-    fig, grid = _fixed_grid(nrows, ncols, _HIST_CELL, _HIST_GAP, _HIST_MARGIN)
+    fig, grid = fixed_grid(nrows, ncols, HIST_CELL, HIST_GAP, HIST_MARGIN)
     for i, (name, (ha, hb)) in enumerate(pairs.items()):
         ax = fig.add_subplot(grid[divmod(i, ncols)])
         _draw_pair(ax, name, ha, hb)
@@ -128,8 +128,8 @@ def _draw_pair(ax: Axes, name: str, ha: Histogram, hb: Histogram) -> None:
     if peak > 0 and np.isfinite(edges).all():
         ax.set_xlim(edges[0], edges[-1])
         ax.set_ylim(0, peak * 1.05)
-    ax.yaxis.set_major_locator(_InViewLocator(nbins=4, steps=_NICE_STEPS, integer=True))
-    ax.yaxis.set_major_formatter(FuncFormatter(_compact_count))
+    ax.yaxis.set_major_locator(InViewLocator(nbins=4, steps=NICE_STEPS, integer=True))
+    ax.yaxis.set_major_formatter(FuncFormatter(compact_count))
 
 
 def prediction_figure(shift: PredictionShift, labels: tuple[str, str] = ("A", "B"), unit: str = "") -> Figure:
@@ -155,7 +155,7 @@ def prediction_figure(shift: PredictionShift, labels: tuple[str, str] = ("A", "B
         matrix = np.zeros((k, k), dtype=np.int64)
         np.add.at(matrix, (ca, cb), 1)
         fig = Figure(figsize=(5.0, 4.4))
-        ax = fig.add_axes(_inches_rect(fig, left=0.9, right=0.3, bottom=0.7, top=0.6))
+        ax = fig.add_axes(inches_rect(fig, left=0.9, right=0.3, bottom=0.7, top=0.6))
         ax.imshow(matrix, cmap="Blues", interpolation="nearest")
         for (i, j), v in np.ndenumerate(matrix):
             ax.text(j, i, str(v), ha="center", va="center", fontsize=8,

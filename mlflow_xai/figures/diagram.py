@@ -60,16 +60,10 @@ def architecture_dot(model: nn.Module, example_input: torch.Tensor) -> str:
     import torch
     from torchviz import make_dot
 
-    # Restore each module's own flag: a user may keep parts frozen in eval mode,
-    # which model.train(previous) on the root would overwrite.
-    training = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.enable_grad():
-            output = model(example_input)
-    finally:
-        for module, flag in training:
-            module.training = flag
+    from mlflow_xai.inspect.modules import eval_mode
+
+    with eval_mode(model), torch.enable_grad():
+        output = model(example_input)
     if isinstance(output, list):
         output = tuple(output)
     tensors = output if isinstance(output, tuple) else (output,)

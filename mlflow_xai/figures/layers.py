@@ -12,23 +12,36 @@ their artists few (axes, ticks, colour bars): that keeps a 24-layer grid quick.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import StepPatch
-from matplotlib.ticker import FuncFormatter, MaxNLocator, ScalarFormatter
+from matplotlib.ticker import FuncFormatter, ScalarFormatter
+
+from mlflow_xai.figures.style import (
+    GRID_COLUMNS,
+    HIST_CELL,
+    HIST_GAP,
+    HIST_MARGIN,
+    NICE_STEPS,
+    InViewLocator,
+    centre_text,
+    compact_count,
+    figure_to_png,
+    fixed_grid,
+    inches_rect,
+    message_figure,
+    style_panel,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
-    from matplotlib.gridspec import GridSpec
     from matplotlib.image import AxesImage
 
     from mlflow_xai.inspect.results import Histogram, LayerActivations, TensorStats
@@ -49,21 +62,12 @@ DIVERGING_CMAP = "RdBu_r"
 SEQUENTIAL_CMAP = "viridis"
 #: Default cap on the cells a heatmap draws: about the pixels a figure has anyway.
 MAX_PIXELS = 256 * 256
-_GRID_COLUMNS = 4
-# Layout in inches. Every figure here is laid out by fixed margins rather than by a
-# layout engine: constrained layout measured every tick label of every panel and made
-# ``print_figure`` draw the whole figure twice, about two thirds of the time a 24-panel
-# grid took to render. The margins fit the tick labels the formatters below produce.
-_HIST_CELL = (2.55, 1.7)  # one histogram panel
-_HIST_GAP = (0.6, 0.5)  # room for the next panel's count labels; for ticks and a title
-_HIST_MARGIN = (0.8, 0.15, 0.5, 0.55)  # left, right, bottom, top
+# Layout in inches, fixed margins rather than a layout engine (see figures.style).
 _STRIP_WIDTH = 8.1
 _STRIP_HEIGHT = 0.4
 _STRIP_GAP = 0.55  # x tick labels below a strip and the title above the next
 _STRIP_MARGIN = (0.2, 0.7, 0.45, 0.55)  # left, right, bottom, top
 _COLORBAR_PAD, _COLORBAR_WIDTH = 0.1, 0.15
-# Tick steps of the default AutoLocator: 0.5 and 1k rather than 0.6 and 800.
-_NICE_STEPS = [1, 2, 2.5, 5, 10]
 
 
 class HasHistogram(Protocol):
@@ -79,26 +83,6 @@ class HasHistogram(Protocol):
 
     @property
     def stats(self) -> TensorStats: ...
-
-
-def figure_to_png(fig: Figure, dpi: int = 100) -> bytes:
-    """Render a figure to PNG bytes with the Agg backend.
-
-    Args:
-        fig: The figure to render.
-        dpi: Resolution in dots per inch.
-
-    Returns:
-        The PNG file's bytes.
-
-    Example:
-        >>> png = figure_to_png(heatmap("w", np.eye(3)))
-        >>> png[:8] == b"\\x89PNG\\r\\n\\x1a\\n"
-        True
-    """
-    buffer = io.BytesIO()
-    FigureCanvasAgg(fig).print_figure(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
 
 
 def heatmap(
@@ -136,7 +120,7 @@ def heatmap(
     array = np.asarray(values)
     shape = tuple(array.shape)
     if array.size == 0:
-        return _message_figure(f"{name}  {shape}", "empty tensor: nothing to show")
+        return message_figure(f"{name}  {shape}", "empty tensor: nothing to show")
     matrix = _as_matrix(array)
     rows, cols = matrix.shape
     block = _block_shape(rows, cols, max_pixels)
@@ -162,7 +146,7 @@ def heatmap(
     top = 0.4 if not notes else 0.6
     width, height = 7.0, _heatmap_height(rows, cols) + top - 0.4
     fig = Figure(figsize=(width, height))
-    ax = fig.add_axes(_inches_rect(fig, left=0.85, right=1.2, bottom=0.6, top=top))
+    ax = fig.add_axes(inches_rect(fig, left=0.85, right=1.2, bottom=0.6, top=top))
     # The extent maps block cells back to original indices (cell i centred on i),
     # so the ticks read as row/column numbers even after block averaging.
     image = ax.imshow(
@@ -174,8 +158,8 @@ def heatmap(
         interpolation="nearest",
         extent=(-0.5, cols - 0.5, rows - 0.5, -0.5),
     )
-    ax.xaxis.set_major_locator(_InViewLocator(steps=_NICE_STEPS, integer=True, min_n_ticks=1))
-    ax.yaxis.set_major_locator(_InViewLocator(steps=_NICE_STEPS, integer=True, min_n_ticks=1))
+    ax.xaxis.set_major_locator(InViewLocator(steps=NICE_STEPS, integer=True, min_n_ticks=1))
+    ax.yaxis.set_major_locator(InViewLocator(steps=NICE_STEPS, integer=True, min_n_ticks=1))
     ax.set_title(title, fontsize=10, y=1.0)
     _label_heatmap_axes(ax, shape)
     label = "|value|" if absolute else "value"
@@ -216,10 +200,10 @@ def distribution_grid(
         1
     """
     if not layers:
-        return _message_figure(title, "nothing to show")
-    ncols = min(_GRID_COLUMNS, len(layers))
+        return message_figure(title, "nothing to show")
+    ncols = min(GRID_COLUMNS, len(layers))
     nrows = math.ceil(len(layers) / ncols)
-    fig, grid = _fixed_grid(nrows, ncols, _HIST_CELL, _HIST_GAP, _HIST_MARGIN)
+    fig, grid = fixed_grid(nrows, ncols, HIST_CELL, HIST_GAP, HIST_MARGIN)
     for i, (name, layer) in enumerate(layers.items()):
         # Only the panels in use: an axes made and then deleted still costs its setup.
         ax = fig.add_subplot(grid[divmod(i, ncols)])
@@ -258,8 +242,8 @@ def mean_activation_map(activations: Mapping[str, LayerActivations]) -> Figure:
     """
     title = "mean activation per unit"
     if not activations:
-        return _message_figure(title, "nothing to show")
-    fig, grid = _fixed_grid(
+        return message_figure(title, "nothing to show")
+    fig, grid = fixed_grid(
         len(activations), 1, (_STRIP_WIDTH, _STRIP_HEIGHT), (0.0, _STRIP_GAP), _STRIP_MARGIN
     )
     cmap = _cmap(DIVERGING_CMAP)
@@ -280,7 +264,7 @@ def mean_activation_map(activations: Mapping[str, LayerActivations]) -> Figure:
         ax.yaxis.set_label_coords(0.0, 0.5)
         if means.size == 0:
             ax.set_xticks([])
-            _centre_text(ax, "no units")
+            centre_text(ax, "no units")
             continue
         limit = _finite_abs_max(means)
         ax.imshow(
@@ -293,7 +277,7 @@ def mean_activation_map(activations: Mapping[str, LayerActivations]) -> Figure:
             extent=(-0.5, means.size - 0.5, 0.5, -0.5),
         )
         ax.xaxis.set_major_locator(
-            _InViewLocator(nbins=6, steps=_NICE_STEPS, integer=True, min_n_ticks=1)
+            InViewLocator(nbins=6, steps=NICE_STEPS, integer=True, min_n_ticks=1)
         )
         ax.tick_params(labelsize=8)
     strips[-1].set_xlabel("unit", fontsize=9, labelpad=1)
@@ -317,66 +301,6 @@ def mean_activation_map(activations: Mapping[str, LayerActivations]) -> Figure:
         va="top",
     )
     return fig
-
-
-class _InViewLocator(MaxNLocator):
-    """:class:`~matplotlib.ticker.MaxNLocator` without the ticks beyond the view.
-
-    ``MaxNLocator`` pads its ticks past both ends of the axis; matplotlib builds a
-    tick (five artists) for each and then leaves it undrawn: a third of all ticks
-    on a small panel.
-    """
-
-    def __call__(self) -> list[float]:
-        ticks = np.asarray(super().__call__(), dtype=np.float64)
-        if self.axis is None:
-            return ticks.tolist()
-        lo, hi = sorted(self.axis.get_view_interval())
-        slack = (hi - lo) * 1e-9  # keep a tick that sits on the edge up to rounding
-        return ticks[(ticks >= lo - slack) & (ticks <= hi + slack)].tolist()
-
-
-def _fixed_grid(
-    nrows: int,
-    ncols: int,
-    cell: tuple[float, float],
-    gap: tuple[float, float],
-    margin: tuple[float, float, float, float],
-) -> tuple[Figure, GridSpec]:
-    """A figure sized to hold ``nrows x ncols`` cells, and its grid.
-
-    All sizes are in inches: ``cell`` is one axes' (width, height), ``gap`` the
-    (horizontal, vertical) space between cells and ``margin`` the (left, right,
-    bottom, top) space around them, so panels keep their size however many there are.
-    """
-    left, right, bottom, top = margin
-    width = left + right + ncols * cell[0] + (ncols - 1) * gap[0]
-    height = bottom + top + nrows * cell[1] + (nrows - 1) * gap[1]
-    fig = Figure(figsize=(width, height))
-    grid = fig.add_gridspec(
-        nrows,
-        ncols,
-        left=left / width,
-        right=1 - right / width,
-        bottom=bottom / height,
-        top=1 - top / height,
-        wspace=gap[0] / cell[0],
-        hspace=gap[1] / cell[1],
-    )
-    return fig, grid
-
-
-def _inches_rect(
-    fig: Figure, *, left: float, right: float, bottom: float, top: float
-) -> tuple[float, float, float, float]:
-    """Figure-fraction ``(x0, y0, width, height)`` of a box inset by margins in inches."""
-    width, height = fig.get_size_inches()
-    return (
-        left / width,
-        bottom / height,
-        max(0.05, 1 - (left + right) / width),
-        max(0.05, 1 - (bottom + top) / height),
-    )
 
 
 def _colorbar(fig: Figure, ax: Axes, image: AxesImage, *, label: str) -> None:
@@ -510,23 +434,6 @@ def _label_heatmap_axes(ax: Axes, shape: tuple[int, ...]) -> None:
         ax.set_xlabel(f"dims 1-{len(shape) - 1} flattened ({rest})")
 
 
-def style_panel(ax: Axes, name: str) -> None:
-    """The look of one small histogram panel of a grid: title, small ticks, few of them."""
-    # A fixed y stops the per-draw search for tick labels the title might overlap.
-    ax.set_title(name, fontsize=9, pad=3, y=1.0)
-    ax.tick_params(labelsize=7)
-    # The panels have no axis labels of their own (the figure has), so fixed label
-    # coordinates skip measuring every tick label again to place an empty label.
-    ax.xaxis.set_label_coords(0.5, 0.0)
-    ax.yaxis.set_label_coords(0.0, 0.5)
-    # Few ticks: each one is several artists to build, lay out and draw, times 24 panels.
-    ax.xaxis.set_major_locator(_InViewLocator(nbins=4, steps=_NICE_STEPS))
-    formatter = ScalarFormatter()
-    formatter.set_powerlimits((-3, 4))
-    ax.xaxis.set_major_formatter(formatter)
-    ax.xaxis.get_offset_text().set_fontsize(7)
-
-
 def _draw_histogram(
     ax: Axes, name: str, histogram: Histogram, stats: TensorStats, *, log_y: bool
 ) -> None:
@@ -536,13 +443,13 @@ def _draw_histogram(
     if counts.sum() > 0 and np.isfinite(edges).all():
         _add_stairs(ax, counts, edges)
     else:
-        _centre_text(ax, "no finite values")
+        centre_text(ax, "no finite values")
     if log_y:
         ax.set_yscale("log")
     else:
-        ax.yaxis.set_major_locator(_InViewLocator(nbins=4, steps=_NICE_STEPS, integer=True))
+        ax.yaxis.set_major_locator(InViewLocator(nbins=4, steps=NICE_STEPS, integer=True))
         # "25k" rather than "25000": count labels must fit the gap between panels.
-        ax.yaxis.set_major_formatter(FuncFormatter(_compact_count))
+        ax.yaxis.set_major_formatter(FuncFormatter(compact_count))
     lines = [f"mean {stats.mean:.3g}", f"std {stats.std:.3g}"]
     if stats.nan_count or stats.inf_count:
         lines.append(f"NaN {stats.nan_count}, Inf {stats.inf_count}")
@@ -574,23 +481,3 @@ def _add_stairs(ax: Axes, counts: np.ndarray, edges: np.ndarray) -> None:
     ax.autoscale_view()
 
 
-def _compact_count(value: float, _pos: object = None) -> str:
-    """A count tick label of at most about five characters: ``2.5k``, ``1.2M``."""
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{suffix}"
-    return f"{value:.3g}"
-
-
-def _centre_text(ax: Axes, text: str) -> None:
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="gray")
-
-
-def _message_figure(title: str, text: str) -> Figure:
-    """A small figure that says why there is no plot, so callers need no special case."""
-    fig = Figure(figsize=(5.0, 2.0))
-    ax = fig.add_axes(_inches_rect(fig, left=0.2, right=0.2, bottom=0.2, top=0.45))
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=10, y=1.0)
-    _centre_text(ax, text)
-    return fig

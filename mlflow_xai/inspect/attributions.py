@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from mlflow_xai.errors import XAIError
+from mlflow_xai.inspect.modules import eval_mode
 
 __all__ = [
     "METHODS",
@@ -162,14 +163,11 @@ def _attribution_mode(model: nn.Module) -> Iterator[None]:
     caller who explains a model between a backward pass and an optimizer step from
     any method (or future captum version) that does call ``backward``.
     """
-    flags = [(m, m.training) for m in model.modules()]
     grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
-    model.eval()
     try:
-        yield
+        with eval_mode(model):
+            yield
     finally:
-        for module, training in flags:
-            module.training = training
         for param, grad in grads:
             param.grad = grad
 

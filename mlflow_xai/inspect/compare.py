@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from mlflow_xai.errors import XAIError
-from mlflow_xai.inspect.core import _RELU_FAMILY, _eval_mode
 from mlflow_xai.inspect.hooks import capture_activations, first_tensor, is_leaf
+from mlflow_xai.inspect.modules import RELU_FAMILY, eval_mode
 from mlflow_xai.inspect.results import Histogram, TensorStats
 from mlflow_xai.inspect.stats import tensor_stats
 
@@ -42,6 +42,7 @@ __all__ = [
     "PredictionShift",
     "compare",
     "compare_activations",
+    "max_drift_layer",
     "prediction_shift",
     "weight_drift",
 ]
@@ -141,14 +142,20 @@ class Comparison:
     @property
     def max_drift(self) -> tuple[str, float] | None:
         """The layer with the largest weight drift and that drift (NaN counts as largest)."""
-        if not self.weights:
-            return None
-        name = max(self.weights, key=lambda n: _nan_last(self.weights[n].relative_l2))
-        return name, self.weights[name].relative_l2
+        top = max_drift_layer(self.weights)
+        return None if top is None else (top[0], top[1].relative_l2)
 
 
-def _nan_last(value: float) -> float:
-    return math.inf if math.isnan(value) else value
+def max_drift_layer(drifts: Mapping[str, LayerDrift]) -> tuple[str, LayerDrift] | None:
+    """The layer with the largest relative weight drift (a NaN drift counts as largest)."""
+    def key(name: str) -> float:
+        value = drifts[name].relative_l2
+        return math.inf if math.isnan(value) else value
+
+    if not drifts:
+        return None
+    name = max(drifts, key=key)
+    return name, drifts[name]
 
 
 def _relative(diff_l2: float, base_l2: float) -> float:
@@ -271,7 +278,7 @@ def _activation_layers(_name: str, module: nn.Module) -> bool:
 
 def _forward(model: nn.Module, inputs: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    with _eval_mode(model), torch.no_grad(), capture_activations(model, _activation_layers) as acts:
+    with eval_mode(model), torch.no_grad(), capture_activations(model, _activation_layers) as acts:
         out = first_tensor(model(inputs.to(device)))
     if out is None:
         raise XAIError(f"{type(model).__name__} returned no tensor; compare needs a model that outputs one")
@@ -289,7 +296,7 @@ def _wasserstein(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _dead_share(module: nn.Module, t: torch.Tensor) -> float | None:
-    if not isinstance(module, _RELU_FAMILY) or t.dim() < 2:
+    if not isinstance(module, RELU_FAMILY) or t.dim() < 2:
         return None
     peak = torch.amax(t, dim=0).reshape(-1)  # a unit is dead if <= 0 for every sample
     return float((peak <= 0).double().mean())

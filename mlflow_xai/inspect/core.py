@@ -9,8 +9,7 @@ the model's device; only then are tensors turned into numpy arrays.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ from torch import nn
 from mlflow_xai.errors import XAIError
 from mlflow_xai.inspect.diagnostics import diagnose, gradient_flags
 from mlflow_xai.inspect.hooks import LayerSelection, first_tensor, is_leaf, record_outputs, resolve_layers
+from mlflow_xai.inspect.modules import CHANNEL_FIRST, CHANNEL_LAST, RELU_FAMILY, eval_mode, has_weight
 from mlflow_xai.inspect.results import (
     Explanation,
     LayerActivations,
@@ -35,57 +35,6 @@ __all__ = ["explain", "Inputs", "LossFn"]
 Inputs = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
 #: ``loss_fn(output, targets) -> scalar tensor``.
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
-
-# Modules whose units sit on dim 1 (N, C, ...) ...
-_CHANNEL_FIRST: tuple[type[nn.Module], ...] = (
-    nn.modules.conv._ConvNd,
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    nn.GroupNorm,
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-)
-# ... and modules that work on the last dim (N, ..., D), as in transformers, RNNs and MLPs.
-_CHANNEL_LAST: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Bilinear,
-    nn.LayerNorm,
-    nn.Embedding,
-    nn.EmbeddingBag,
-    nn.MultiheadAttention,
-    nn.modules.rnn.RNNBase,  # (N, T, H) or (T, N, H): hidden units last either way
-    nn.TransformerEncoderLayer,
-    nn.TransformerDecoderLayer,
-    nn.TransformerEncoder,
-    nn.TransformerDecoder,
-) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-
-# Outputs that are exactly 0 for every negative input: a unit that is <= 0 on the whole
-# batch passes no gradient back, so it is "dead". LeakyReLU, ELU, GELU, SiLU pass some
-# gradient for negative inputs and get no dead share.
-_RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the block; every module's own flag restored afterwards.
-
-    ``model.train(flag)`` would overwrite a submodule the user deliberately froze in
-    eval mode, so each module's flag is saved and put back one by one.
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-_eval_mode = eval_mode  # the name inspect.compare imports
-
 
 def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
     for t in model.parameters():
@@ -182,9 +131,9 @@ def _unit_dims(
         m = modules[name]
         if t.dim() <= 1:
             dim: int | None = None
-        elif isinstance(m, _CHANNEL_LAST):
+        elif isinstance(m, CHANNEL_LAST):
             dim = t.dim() - 1
-        elif isinstance(m, _CHANNEL_FIRST):
+        elif isinstance(m, CHANNEL_FIRST):
             dim = 1
         elif prev is not None and prev[0] == t.shape:
             dim = prev[1]
@@ -314,9 +263,6 @@ def explain(
     if isinstance(layers, Iterable) and not isinstance(layers, str):
         layers = list(layers)  # read twice below; a generator would be empty the second time
 
-    def has_weight(m: nn.Module) -> bool:
-        return isinstance(m._parameters.get("weight"), torch.Tensor)
-
     weight_mods = [(n, m) for n, m in resolve_layers(model, layers, default=has_weight) if has_weight(m)]
     act_mods = resolve_layers(model, layers, default=is_leaf)
     all_names = [n for n, _ in model.named_modules()]
@@ -401,7 +347,7 @@ def explain(
         if t is None:  # not called by this forward pass, or returned no tensor
             continue
         a_stats, a_hist = stats_and_histogram(t, bins)
-        mean_per_unit, dead = _unit_summary(t, unit_dims[name], isinstance(m, _RELU_FAMILY))
+        mean_per_unit, dead = _unit_summary(t, unit_dims[name], isinstance(m, RELU_FAMILY))
         activations[name] = LayerActivations(
             name=name,
             module_type=type(m).__name__,

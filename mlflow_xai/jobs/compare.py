@@ -2,8 +2,8 @@
 
 Both sides are resolved like ``explain`` resolves its source (a run id or a model URI),
 their checkpoints downloaded, checksummed and rebuilt safely; the numbers come from
-:mod:`mlflow_xai.inspect.compare`, the figures from :mod:`mlflow_xai.compare_plots`,
-the page from :mod:`mlflow_xai.compare_report`. Everything is logged under
+:mod:`mlflow_xai.inspect.compare`, the figures from :mod:`mlflow_xai.figures.compare`,
+the page from :mod:`mlflow_xai.reports.compare`. Everything is logged under
 ``xai/compare/`` of a new run tagged ``mlflow_xai.role=compare``.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from mlflow_xai import tracking
 from mlflow_xai.errors import XAIError
-from mlflow_xai.pipeline import _explain_data, _resolve_device, load_source, progress_printer
+from mlflow_xai.jobs.common import explain_data, load_source, progress_printer, resolve_device
 
 SCHEMA_VERSION = 1
 COMPARE_A_TAG = "mlflow_xai.compare_a"
@@ -147,7 +147,7 @@ def _rows(side_a: _Side, data: str | None, rows: int) -> tuple[np.ndarray, dict[
     """The raw rows both sides see, and compare.json's "data" without the task."""
     if side_a.meta is not None:
         ma = side_a.meta
-        _, X, _ = _explain_data(ma, data, rows)
+        _, X, _ = explain_data(ma, data, rows)
         raw = X.astype(np.float64) * np.asarray(ma.std) + np.asarray(ma.mean)  # A's test rows, raw units
         return raw, {"data": ma.data, "rows": len(X), "feature_names": list(ma.feature_names)}
     from mlflow_xai.sources.inputs import load_model_inputs
@@ -167,14 +167,20 @@ def _side_dict(ref: str, source: tracking.Source, side: _Side) -> dict[str, Any]
 def _compare_in_run(run_id: str, refs: tuple[str, str], sources: tuple[tracking.Source, tracking.Source],
                     tmp: Path, *, rows: int, fail_above: float | None, device: str, data: str | None, bins: int,
                     say: Callable[[str], None], allow_pickle: bool = False, task: str = "auto") -> CompareOutcome:
-    from mlflow_xai.compare_plots import drift_bars, overlaid_distributions, prediction_figure
-    from mlflow_xai.compare_report import render_compare_report
-    from mlflow_xai.inspect.compare import compare_activations, prediction_shift, weight_drift
+    from mlflow_xai.figures.compare import drift_bars, overlaid_distributions, prediction_figure
+    from mlflow_xai.figures.layers import heatmap
+    from mlflow_xai.figures.style import figure_to_png
+    from mlflow_xai.inspect.compare import (
+        compare_activations,
+        max_drift_layer,
+        prediction_shift,
+        weight_drift,
+    )
     from mlflow_xai.inspect.summary import json_safe
-    from mlflow_xai.plots import figure_to_png, heatmap
+    from mlflow_xai.reports.compare import render_compare_report
     from mlflow_xai.sources.inputs import resolve_task
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     say("2/5 downloading, verifying and loading both models")
     la = _load_side(sources[0], tmp / "a", dev, allow_pickle, "A")
     lb = _load_side(sources[1], tmp / "b", dev, allow_pickle, "B")
@@ -207,7 +213,7 @@ def _compare_in_run(run_id: str, refs: tuple[str, str], sources: tuple[tracking.
     target_name = str(known.target or "") if known is not None else ""
 
     gate_failure = None
-    top = max(drifts.items(), key=lambda kv: _nan_high(kv[1].relative_l2), default=None)
+    top = max_drift_layer(drifts)
     if fail_above is not None:
         if top is None:
             gate_failure = (f"A and B share no layer of the same shape, so their weight drift is unbounded "
@@ -294,7 +300,3 @@ def _compare_in_run(run_id: str, refs: tuple[str, str], sources: tuple[tracking.
     artifacts = sorted(["xai/compare/" + p for p in images] + ["xai/compare/compare.json",
                                                                "xai/compare/report.html"])
     return CompareOutcome(run_id, safe, gate_failure, artifacts)
-
-
-def _nan_high(value: float) -> float:
-    return math.inf if math.isnan(value) else value

@@ -1,7 +1,7 @@
 """The one-page HTML report of a comparison of two models (``xai/compare/report.html``).
 
-Self-contained like the explain report (:mod:`mlflow_xai.report`, whose style and
-escaping helpers it shares): every image is a ``data:`` URI, no scripts, no links,
+Self-contained like the explain report (:mod:`mlflow_xai.reports.explain`; the style and
+escaping helpers are :mod:`mlflow_xai.reports.page`): every image is a ``data:`` URI, no scripts, no links,
 because the MLflow UI shows HTML artifacts in a sandboxed frame. Every string from
 ``compare.json`` (layer names, model URIs) is HTML-escaped.
 """
@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any
 
-from mlflow_xai.report import _figure, _number, _percent, _shape, _text, page_head
+from mlflow_xai.reports.page import figure, number, page_head, percent, shape, text
 
 __all__ = ["render_compare_report"]
 
@@ -76,9 +76,9 @@ def _sides_html(a: Any, b: Any) -> str:
     for label, side in (("A", a), ("B", b)):
         if not isinstance(side, Mapping):
             continue
-        desc = ", ".join(f"{k} {_text(side.get(k))}" for k in ("run_id", "registered_model", "version", "n_params")
+        desc = ", ".join(f"{k} {text(side.get(k))}" for k in ("run_id", "registered_model", "version", "n_params")
                          if side.get(k) is not None)
-        rows.append(f"<dt>{label}</dt><dd>{_text(side.get('ref'))} ({desc})</dd>")
+        rows.append(f"<dt>{label}</dt><dd>{text(side.get('ref'))} ({desc})</dd>")
     return f'<dl class="source">{"".join(rows)}</dl>' if rows else ""
 
 
@@ -86,13 +86,13 @@ def _verdict_html(data: Mapping[str, Any]) -> str:
     top = data.get("max_drift")
     cards = []
     if isinstance(top, Mapping):
-        cards.append(("largest weight drift", f"{_number(top.get('value'))} ({_text(top.get('layer'))})"))
+        cards.append(("largest weight drift", f"{number(top.get('value'))} ({text(top.get('layer'))})"))
     preds = data.get("predictions") or {}
     if preds.get("rmse_diff") is not None:
-        cards.append(("prediction RMS difference", _number(preds.get("rmse_diff"))))
+        cards.append(("prediction RMS difference", number(preds.get("rmse_diff"))))
     if preds.get("agreement") is not None:
-        cards.append(("predictions agreeing", _percent(preds.get("agreement"))))
-    cards.append(("layers compared", _number(len(data.get("weights") or {}))))
+        cards.append(("predictions agreeing", percent(preds.get("agreement"))))
+    cards.append(("layers compared", number(len(data.get("weights") or {}))))
     html = ['<div class="cards">'] + [
         f'<div class="card"><div class="label">{label}</div><div class="value">{value}</div></div>'
         for label, value in cards] + ["</div>"]
@@ -100,7 +100,7 @@ def _verdict_html(data: Mapping[str, Any]) -> str:
     if isinstance(gate, Mapping) and gate.get("passed") is not None:
         css = "ok" if gate["passed"] else "note"
         colour = "" if gate["passed"] else ' style="color:#a00"'
-        html.append(f'<p class="{css}"{colour}>{_text(gate.get("message"))}</p>')
+        html.append(f'<p class="{css}"{colour}>{text(gate.get("message"))}</p>')
     return "".join(html)
 
 
@@ -108,7 +108,7 @@ def _table(values: Mapping[str, Any], _threshold: Any) -> str:
     if not values:
         return '<p class="note">No predictions compared.</p>'
     head = "".join(f"<th>{escape(str(k))}</th>" for k in values)
-    cells = "".join(f"<td>{_number(v)}</td>" for v in values.values())
+    cells = "".join(f"<td>{number(v)}</td>" for v in values.values())
     return f'<div class="scroll"><table><tr>{head}</tr><tr>{cells}</tr></table></div>'
 
 
@@ -122,15 +122,15 @@ def _layers_table(layers: Mapping[str, Any], columns: Sequence[tuple[str, str, s
         for _, key, kind in columns:
             value = info.get(key) if isinstance(info, Mapping) else None
             if kind == "text":
-                cells.append(f'<td class="type">{_text(value)}</td>')
+                cells.append(f'<td class="type">{text(value)}</td>')
             elif kind == "shape":
-                cells.append(f"<td>{_shape(value)}</td>")
+                cells.append(f"<td>{shape(value)}</td>")
             elif kind == "percent":
-                cells.append(f"<td>{_percent(value)}</td>")
+                cells.append(f"<td>{percent(value)}</td>")
             else:
                 over = key == "relative_l2" and isinstance(threshold, (int, float)) and (
                     value is None or value > threshold)
-                cells.append(f'<td class="bad">{_number(value)}</td>' if over else f"<td>{_number(value)}</td>")
+                cells.append(f'<td class="bad">{number(value)}</td>' if over else f"<td>{number(value)}</td>")
         rows.append(f"<tr>{''.join(cells)}</tr>")
     rows.append("</tbody></table></div>")
     return "".join(rows)
@@ -141,9 +141,9 @@ def _unmatched_html(data: Mapping[str, Any]) -> str:
     for key, label in (("only_in_a", "only in A"), ("only_in_b", "only in B")):
         names = data.get(key) or []
         if names:
-            items.append(f"<li>{label}: {', '.join(_text(n) for n in names)}</li>")
+            items.append(f"<li>{label}: {', '.join(text(n) for n in names)}</li>")
     for name, shapes in (data.get("shape_mismatch") or {}).items():
-        items.append(f"<li>{_text(name)}: weight {_shape(shapes.get('a'))} in A, {_shape(shapes.get('b'))} in B"
+        items.append(f"<li>{text(name)}: weight {shape(shapes.get('a'))} in A, {shape(shapes.get('b'))} in B"
                      " (not compared)</li>")
     if not items:
         return ""
@@ -157,5 +157,5 @@ def _figures_html(images: Mapping[str, bytes]) -> str:
         if not paths:
             continue
         html.append(f"<h2>{heading}: figures</h2><p class=\"note\">{escape(note)}</p>")
-        html += [_figure(f"xai/compare/{p}", images[p], None) for p in paths]
+        html += [figure(f"xai/compare/{p}", images[p], None) for p in paths]
     return "\n".join(html)

@@ -8,13 +8,23 @@ summary (layer names come from users' models) is HTML-escaped.
 
 from __future__ import annotations
 
-import base64
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from html import escape
 from pathlib import PurePosixPath
 from typing import Any
+
+from mlflow_xai.reports.page import (
+    DASH,
+    MIME_TYPES,
+    figure,
+    is_number,
+    number,
+    page_head,
+    percent,
+    shape,
+    text,
+)
 
 __all__ = ["SECTION_ORDER", "render_report"]
 
@@ -38,44 +48,6 @@ _SECTION_NOTES = {
     "explained batch.",
     "attributions": "How much each input feature contributes to the output.",
 }
-_MIME_TYPES = {
-    ".png": "image/png",
-    ".svg": "image/svg+xml",
-    ".jpg": "image/jpeg",
-    ".jpeg": "image/jpeg",
-    ".gif": "image/gif",
-}
-_DASH = "&mdash;"
-# Small and inline: the sandboxed frame loads no stylesheet.
-_CSS = """
-body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #222;
-       margin: 0 auto; max-width: 1200px; padding: 1rem 1.5rem; }
-h1 { font-size: 1.5rem; margin-bottom: .2rem; }
-h2 { font-size: 1.2rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
-dl.source { display: grid; grid-template-columns: max-content auto; gap: .1rem 1rem;
-            color: #555; }
-dl.source dt { font-weight: 600; }
-dl.source dd { margin: 0; font-family: ui-monospace, monospace; }
-.cards { display: flex; flex-wrap: wrap; gap: .6rem; margin: .8rem 0; }
-.card { border: 1px solid #ddd; border-radius: 6px; padding: .4rem .8rem; min-width: 8rem; }
-.card .label { color: #666; font-size: .8rem; }
-.card .value { font-size: 1.2rem; font-variant-numeric: tabular-nums; }
-ul.flags li { color: #a00; }
-p.ok { color: #2a7a2a; }
-.scroll { overflow-x: auto; }
-table { border-collapse: collapse; font-size: 12px; font-variant-numeric: tabular-nums; }
-th, td { border: 1px solid #e2e2e2; padding: .2rem .45rem; text-align: right;
-         white-space: nowrap; }
-th { background: #f4f4f4; }
-td.name, td.type { text-align: left; font-family: ui-monospace, monospace; }
-tr:nth-child(even) td { background: #fafafa; }
-td.warn { background: #fff3cd !important; }
-td.bad { background: #f8d7da !important; color: #a00; }
-p.note { color: #555; margin-top: 0; }
-figure { margin: 1rem 0; }
-figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
-figcaption { color: #555; font-size: .85rem; }
-"""
 # Table columns: (group, heading, key in the group's dict, how to format it).
 _PERCENT = "percent"
 _COLUMNS: tuple[tuple[str, str, str, str], ...] = (
@@ -101,17 +73,6 @@ _META_ENTRIES = (("model_type", "model"), ("n_params", "parameters"), ("model_fo
 #: A layer with more dead units than this share is highlighted, unless the summary's
 #: ``diagnostics.thresholds.dead_share_flag`` says otherwise.
 _DEAD_WARN_SHARE = 0.5
-
-
-def page_head(title: str) -> list[str]:
-    """The opening of a self-contained page: doctype, the shared style, the title heading."""
-    return [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{escape(title)}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>{escape(title)}</h1>",
-    ]
 
 
 def render_report(
@@ -180,18 +141,18 @@ def _attributions_html(attributions: Any) -> str:
         return ""
     rows = []
     for method, info in attributions["methods"].items():
-        top = ", ".join(_text(f) for f in info.get("top_features") or ())
-        err = _number(info.get("completeness_error_max"))
-        rows.append(f"<tr><td>{_text(method)}</td><td>{top}</td><td>{err}</td></tr>")
+        top = ", ".join(text(f) for f in info.get("top_features") or ())
+        err = number(info.get("completeness_error_max"))
+        rows.append(f"<tr><td>{text(method)}</td><td>{top}</td><td>{err}</td></tr>")
     agreement = attributions.get("agreement")
     return "\n".join([
         "<h2>Feature attributions</h2>",
-        f"<p>Baseline: {_text(attributions.get('baseline'))}.</p>",
+        f"<p>Baseline: {text(attributions.get('baseline'))}.</p>",
         "<table><tr><th>method</th><th>top features (mean |attribution|)</th>"
         "<th>completeness error (max)</th></tr>",
         *rows,
         "</table>",
-        f"<p>{_text(agreement)}</p>" if agreement else "",
+        f"<p>{text(agreement)}</p>" if agreement else "",
     ])
 
 
@@ -214,14 +175,14 @@ def _source_html(source: Any, meta: Any) -> str:
         entries += [(label, meta[key]) for key, label in _META_ENTRIES if key in meta]
     if not entries:
         return ""
-    rows = "".join(f"<dt>{escape(key)}</dt><dd>{_text(value)}</dd>" for key, value in entries)
+    rows = "".join(f"<dt>{escape(key)}</dt><dd>{text(value)}</dd>" for key, value in entries)
     return f'<dl class="source">{rows}</dl>'
 
 
 def _dead_threshold(diagnostics: Any) -> float:
     thresholds = diagnostics.get("thresholds") if isinstance(diagnostics, Mapping) else None
     value = thresholds.get("dead_share_flag") if isinstance(thresholds, Mapping) else None
-    return float(value) if _is_number(value) else _DEAD_WARN_SHARE
+    return float(value) if is_number(value) else _DEAD_WARN_SHARE
 
 
 def _diagnostics_html(diagnostics: Any, loss: Any) -> str:
@@ -232,12 +193,12 @@ def _diagnostics_html(diagnostics: Any, loss: Any) -> str:
     if nonfinite is not None and infs is not None:
         nonfinite += infs
     cards = [
-        ("NaN/Inf values", _number(nonfinite), bool(nonfinite)),
-        ("dead units", _percent(diagnostics.get("dead_unit_share")), False),
-        ("max gradient norm", _number(diagnostics.get("max_grad_norm")), False),
+        ("NaN/Inf values", number(nonfinite), bool(nonfinite)),
+        ("dead units", percent(diagnostics.get("dead_unit_share")), False),
+        ("max gradient norm", number(diagnostics.get("max_grad_norm")), False),
     ]
     if loss is not None:
-        cards.append(("loss on the batch", _number(loss), False))
+        cards.append(("loss on the batch", number(loss), False))
     html = ['<div class="cards">']
     for label, value, bad in cards:
         style = ' style="border-color:#a00;color:#a00"' if bad else ""
@@ -275,7 +236,7 @@ def _layers_html(layers: Any, dead_threshold: float) -> str:
         info = layer if isinstance(layer, Mapping) else {}
         cells = [
             f'<td class="name">{escape(str(name))}</td>',
-            f'<td class="type">{_text(info.get("module_type"))}</td>',
+            f'<td class="type">{text(info.get("module_type"))}</td>',
         ]
         for group, _, key, kind in _COLUMNS:
             stats = info.get(group)
@@ -291,35 +252,35 @@ def _cell(
 ) -> str:
     """One table cell, highlighted where the value signals a problem."""
     if stats is None:
-        return f"<td>{_DASH}</td>"
+        return f"<td>{DASH}</td>"
     css = ""
     if kind == "shape":
-        text = _shape(stats.get(key))
+        shown = shape(stats.get(key))
     elif kind == _PERCENT:
         value = stats.get(key)
-        text = _percent(value)
-        if key == "dead_share" and _is_number(value) and value > dead_threshold:
+        shown = percent(value)
+        if key == "dead_share" and is_number(value) and value > dead_threshold:
             css = "warn"
     elif kind == "nonfinite":
         nans = _int_or_none(stats.get("nan_count")) or 0
         infs = _int_or_none(stats.get("inf_count")) or 0
-        text = str(nans + infs)
+        shown = str(nans + infs)
         css = "bad" if nans + infs else ""
     elif kind == "gradient_status":
         status = [word for word in ("vanishing", "exploding") if stats.get(word)]
-        text = ", ".join(status) or "ok"
+        shown = ", ".join(status) or "ok"
         css = "bad" if status else ""
     else:
-        text = _number(stats.get(key))
-    return f'<td class="{css}">{text}</td>' if css else f"<td>{text}</td>"
+        shown = number(stats.get(key))
+    return f'<td class="{css}">{shown}</td>' if css else f"<td>{shown}</td>"
 
 
 def _figures_html(images: Mapping[str, bytes], captions: Mapping[str, str]) -> str:
     sections: dict[str, list[str]] = {}
     for path in images:
-        if PurePosixPath(path).suffix.lower() not in _MIME_TYPES:
+        if PurePosixPath(path).suffix.lower() not in MIME_TYPES:
             raise ValueError(
-                f"report image {path!r} is not a {'/'.join(_MIME_TYPES)} file; "
+                f"report image {path!r} is not a {'/'.join(MIME_TYPES)} file; "
                 "pass only images to render_report"
             )
         sections.setdefault(_section_of(path), []).append(path)
@@ -331,7 +292,7 @@ def _figures_html(images: Mapping[str, bytes], captions: Mapping[str, str]) -> s
         if section in _SECTION_NOTES:
             html.append(f'<p class="note">{_SECTION_NOTES[section]}</p>')
         for path in _figure_order(sections[section]):
-            html.append(_figure(path, images[path], captions.get(path)))
+            html.append(figure(path, images[path], captions.get(path)))
     return "\n".join(html)
 
 
@@ -355,48 +316,7 @@ def _figure_order(paths: Sequence[str]) -> list[str]:
     return sorted(kept, key=lambda p: PurePosixPath(p).stem != "distributions")
 
 
-def _figure(path: str, data: bytes, caption: str | None) -> str:
-    mime = _MIME_TYPES[PurePosixPath(path).suffix.lower()]
-    encoded = base64.b64encode(data).decode("ascii")
-    text = f"{escape(caption)} " if caption else ""
-    return (
-        f'<figure><img src="data:{mime};base64,{encoded}" alt="{escape(path)}">'
-        f"<figcaption>{text}<code>{escape(path)}</code></figcaption></figure>"
-    )
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _int_or_none(value: Any) -> int | None:
-    return int(value) if _is_number(value) and math.isfinite(value) else None
+    return int(value) if is_number(value) and math.isfinite(value) else None
 
 
-def _number(value: Any) -> str:
-    if not _is_number(value):
-        return _DASH if value is None else _text(value)
-    if isinstance(value, numbers.Integral):
-        return str(int(value))
-    value = float(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "Inf" if value > 0 else "-Inf"
-    return f"{value:.4g}"
-
-
-def _percent(value: Any) -> str:
-    if not _is_number(value) or not math.isfinite(value):
-        return _number(value)
-    return f"{float(value):.1%}"
-
-
-def _shape(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return escape("\u00d7".join(str(n) for n in value)) or "scalar"
-    return _number(value)
-
-
-def _text(value: Any) -> str:
-    return _DASH if value is None else escape(str(value))

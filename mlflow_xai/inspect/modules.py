@@ -1,0 +1,69 @@
+"""Small rules about modules that every measurement shares: which dimension holds a
+layer's units, which activations have dead units, which modules have a weight, and
+how to switch a model to eval mode without losing a frozen submodule's flag.
+
+One copy of each, so that a layer's numbers in ``explain``, ``compare`` and the
+attributions are computed by the same rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+__all__ = ["CHANNEL_FIRST", "CHANNEL_LAST", "RELU_FAMILY", "eval_mode", "has_weight"]
+
+# Modules whose units sit on dim 1 (N, C, ...) ...
+CHANNEL_FIRST: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+# ... and modules that work on the last dim (N, ..., D), as in transformers, RNNs and MLPs.
+CHANNEL_LAST: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.LayerNorm,
+    nn.Embedding,
+    nn.EmbeddingBag,
+    nn.MultiheadAttention,
+    nn.modules.rnn.RNNBase,  # (N, T, H) or (T, N, H): hidden units last either way
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+# Outputs that are exactly 0 for every negative input: a unit that is <= 0 on the whole
+# batch passes no gradient back, so it is "dead". LeakyReLU, ELU, GELU, SiLU pass some
+# gradient for negative inputs and get no dead share.
+RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the block; every module's own flag restored afterwards.
+
+    ``model.train(flag)`` would overwrite a submodule the user deliberately froze in
+    eval mode, so each module's flag is saved and put back one by one.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def has_weight(module: nn.Module) -> bool:
+    """Whether the module owns a ``weight`` tensor (a layer with weights to look at)."""
+    return isinstance(module._parameters.get("weight"), torch.Tensor)

@@ -1,0 +1,1 @@
+"""The self-contained HTML pages: the explain report, the compare report, and what they share."""
