@@ -4,7 +4,7 @@
 the same order, in a ``layers`` Sequential), so a cookbook user's tuned config gives
 the very same network. It is a plain ``nn.Module``: explaining it needs no Lightning
 (the LightningModule that trains it lives in :mod:`mlflow_xai.train`, so the explain
-job never imports Lightning: ~4 s of start-up).
+job never pays Lightning's import).
 """
 
 from __future__ import annotations

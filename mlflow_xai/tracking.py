@@ -1,4 +1,8 @@
-"""Everything that talks to MLflow for the train and explain jobs: runs, lookups, downloads, registry.
+"""The jobs' MLflow side: runs, lookups, downloads, registry, HTTP settings.
+
+The jobs talk to MLflow through this module; the monitor logs through its own
+writer, the evaluator through the run MLflow hands it, and ``sources/`` reads a
+model's ``MLmodel`` file (``tests/test_layering.py`` lists who may import mlflow).
 
 The tracking store is whatever ``MLFLOW_TRACKING_URI`` says (a remote ``mlflow
 server`` included), MLflow's own default ``sqlite:///mlflow.db`` otherwise. Under

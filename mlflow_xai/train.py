@@ -1,5 +1,8 @@
-"""The one place Lightning is used: the LightningModule, the Trainer, and the fit on the
-cookbook's split.
+"""The fit: the LightningModule, the Trainer, and the fit on the cookbook's split.
+
+The Trainer is built here and only here; Lightning is also imported by the monitor
+(a callback) and by :mod:`mlflow_xai.tracking`'s epoch-metrics callback
+(``tests/test_layering.py`` states who may import it).
 
 EarlyStopping on ``val_loss`` with the config's patience, ModelCheckpoint keeping the
 last and the best checkpoint, a TensorBoardLogger, everything seeded; accelerator,

@@ -160,7 +160,7 @@ class BreakingProxy:
     """Forwards every request to ``upstream``; a GET of a ``last.ckpt`` artifact gets half its bytes.
 
     ``mode="cut"``: the full Content-Length is announced, half the body sent, the connection closed
-    (the client sees a broken transfer). ``mode="short"``: no Content-Length, half the body, then
+    (the client sees a broken transfer). ``mode="intact"``: passed through unchanged. ``mode="short"``: no Content-Length, half the body, then
     close (a shorter file that looks complete). ``mode="garble"``: the full length, second half zeros.
     """
 
@@ -196,7 +196,7 @@ class BreakingProxy:
                     # Same length, second half zeroed: a transfer corrupted on the way.
                     proxy.broken += 1
                     data = data[: len(data) // 2] + bytes(len(data) - len(data) // 2)
-                elif breaking:
+                elif breaking and proxy.mode != "intact":
                     proxy.broken += 1
                     if proxy.mode == "cut":
                         self.send_header("Content-Length", str(len(data)))
@@ -250,6 +250,22 @@ def test_a_broken_download_is_never_loaded(mlflow_server: MlflowServer, served: 
                                 order_by=["attributes.start_time DESC"], max_results=1)
     assert failed and re.search(expect, failed[0].data.tags["mlflow_xai.error"])
     assert snapshot(client, served["train_run_id"]) == served["train_before"]
+
+
+def test_the_load_spy_above_sees_an_intact_download(mlflow_server: MlflowServer, served: dict[str, Any],
+                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The broken-download test asserts the spy saw no load: through the same proxy, with
+    # nothing broken, the same spy sees the one load, so that assertion can fail.
+    import mlflow_xai.checkpoint as checkpoint
+    from mlflow_xai.jobs.explain import explain_and_log
+
+    loads: list[Path] = []
+    real_load = checkpoint.load_checkpoint
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda path, *a, **k: loads.append(path) or real_load(path, *a, **k))
+    with BreakingProxy(mlflow_server.uri, "intact") as proxy:
+        use_server(monkeypatch, proxy.uri, tmp_path)
+        explain_and_log(run_id=served["train_run_id"], attributions="none", quiet=True)
+    assert proxy.broken == 0 and len(loads) == 1 and Path(loads[0]).name == "last.ckpt"
 
 
 def test_no_server_at_start_is_one_line_and_nothing_trained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -221,8 +221,10 @@ def test_one_log_batch_call_per_flush_and_no_per_metric_calls(
 
     monkeypatch.setattr(MlflowClient, "log_batch", spy)
     monkeypatch.setattr(MlflowClient, "log_metric", refuse)
-    fit_in_run(TinyNet(), XAIMonitor(log_every_n_steps=1, histogram_every_n_epochs=0))
+    run_id = fit_in_run(TinyNet(), XAIMonitor(log_every_n_steps=1, histogram_every_n_epochs=0))
     assert 1 <= len(calls) <= 3  # buffered: a 1-second training is flushed at its end
+    with pytest.raises(AssertionError, match="per-metric call"):  # the refusal above was reachable
+        mlflow.log_metric("probe", 1.0, run_id=run_id)
     seen: set[int] = set()
     for call in calls:  # a step's metrics never straddle two calls
         assert not seen & set(call)

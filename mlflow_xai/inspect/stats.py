@@ -11,10 +11,10 @@ weight matrix), and there is no sort and no Python loop over elements. Two passe
 moments, min/max and the near-zero count first, then the histogram over that range.
 
 Per chunk the mean is a float64 sum and the spread a BLAS dot product of the centred
-values (exact two-pass variance, about 3x faster than ``torch.var_mean``); on the CPU
-the histogram is ``bincount`` of the bin index computed as ``torch.histc`` computes it
-(same operations in the same order, so the same counts), about 2x faster than
-``histc``. ``benchmarks/bench_explain.py`` measures what these cost in ``explain``.
+values (exact two-pass variance, cheaper than ``torch.var_mean``); on the CPU the
+histogram is ``bincount`` of the bin index computed as ``torch.histc`` computes it
+(same operations in the same order, so the same counts), cheaper than ``histc``.
+``benchmarks/bench_explain.py`` measures what these cost in ``explain``.
 """
 
 from __future__ import annotations
