@@ -149,6 +149,9 @@ HISTOGRAM_BUDGET = 0.02
 #: Not fewer: a tracking server writes a batch while training goes on, but whatever is
 #: still buffered when training ends is written while ``fit`` waits.
 FLUSH_EVERY_S = 2.0
+#: Times a writer call is made again after its answer was cut off half-way (1, 2, 4 s
+#: apart); each try has MLflow's own retries for a refused or reset connection.
+CUT_RETRIES = 3
 # MLflow's limit on metrics in one log_batch call (mlflow.utils.validation).
 _MAX_METRICS_PER_CALL = 1000
 # Characters MLflow accepts in a metric name; others in a layer name become "_".
@@ -792,8 +795,12 @@ class XAIMonitor(Callback):
 class _Writer:
     """One daemon thread that makes the MLflow calls, in order, off the training loop.
 
-    The first failure is kept (and later calls dropped) for the monitor to warn about:
-    a broken tracking store must not stop a training.
+    A call whose answer was cut off half-way (the server went away while answering,
+    which MLflow's HTTP retries do not cover) is made again, up to :data:`CUT_RETRIES`
+    times: every call the monitor makes may be repeated (a metric logged twice with the
+    same step and timestamp is stored once). Any other failure, or one that outlasts the
+    retries, is kept (and later calls dropped) for the monitor to warn about: a broken
+    tracking store must not stop a training.
     """
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
@@ -811,11 +818,22 @@ class _Writer:
                 if job is None:
                     return
                 if self.error is None:
-                    job()
+                    self._run(job)
             except Exception as e:  # noqa: BLE001 - any store failure: keep it, go on
                 self.error = e
             finally:
                 self._jobs.task_done()
+
+    @staticmethod
+    def _run(job: Callable[[], object]) -> None:
+        for attempt in range(CUT_RETRIES + 1):
+            try:
+                job()
+                return
+            except Exception as e:
+                if attempt == CUT_RETRIES or not answer_cut_off(e):
+                    raise
+                time.sleep(2.0**attempt)
 
     def submit(self, job: Callable[[], object]) -> None:
         if self.error is None:
@@ -835,6 +853,27 @@ class _Writer:
 
 
 # -------------------------------------------------------------------- helpers
+
+
+def answer_cut_off(error: BaseException) -> bool:
+    """Whether an MLflow call failed because the server's answer broke off half-way.
+
+    MLflow's HTTP client retries a refused or reset connection itself (and then says
+    "Max retries exceeded"), but not an answer cut off after it began, as when a server
+    is restarted while it answers: that shows as a broken transfer in the chain of
+    causes of the ``MlflowException``.
+    """
+    import requests
+    from urllib3.exceptions import MaxRetryError
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, requests.exceptions.ChunkedEncodingError):
+            return True
+        if isinstance(seen, requests.exceptions.ConnectionError):
+            return not any(isinstance(a, MaxRetryError) for a in seen.args)
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _auto_every(max_epochs: int | None) -> int:

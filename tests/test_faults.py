@@ -15,6 +15,7 @@ import shlex
 import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -101,6 +102,47 @@ def test_server_restarted_within_the_retry_window_loses_nothing(
     assert own_server.log.read_text().count("Started server process") >= 2  # it did restart
 
 
+def test_the_monitor_sends_again_a_call_whose_answer_was_cut_off(
+        mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server restarted while it answers cuts the answer off; MLflow's retries do not cover that."""
+    from mlflow_xai.monitor import XAIMonitor, XAIMonitorWarning
+    from tests.test_monitor import TinyNet, loader, trainer
+
+    use_server(monkeypatch, mlflow_server.uri, tmp_path)
+    client = MlflowClient(mlflow_server.uri)
+    run_id = client.create_run(client.create_experiment(f"cut-{tmp_path.name}")).info.run_id
+    with BreakingProxy(mlflow_server.uri, "cut", method="POST", target="/runs/log-batch", times=2) as proxy:
+        monitor = XAIMonitor(run_id=run_id, tracking_uri=proxy.uri, log_every_n_steps=1, histogram_every_n_epochs=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", XAIMonitorWarning)  # "stopped logging" would fail the fit
+            warnings.filterwarnings("ignore", module="lightning")
+            trainer(monitor, epochs=3).fit(TinyNet(), loader())
+    assert proxy.broken == 2  # both cut answers were sent again (the store had already written them)
+    assert [m.step for m in client.get_metric_history(run_id, "grad_norm/net.0")] == list(range(12))  # each once
+    images = {Path(f.path).name for f in client.list_artifacts(run_id, "images")}
+    assert {key for key in ("xai_weights", "xai_gradients", "xai_activations")
+            if any(name.startswith(key) for name in images)} == {"xai_weights", "xai_gradients", "xai_activations"}
+
+
+def test_an_error_that_is_not_a_cut_off_answer_is_not_sent_again() -> None:
+    import requests
+    from mlflow.exceptions import MlflowException
+    from urllib3.exceptions import MaxRetryError
+
+    from mlflow_xai.monitor import answer_cut_off
+
+    def raised(inner: BaseException) -> MlflowException:
+        outer = MlflowException(f"API request failed with exception {inner}")
+        outer.__context__ = inner  # as mlflow's http_request raises it, inside its `except`
+        return outer
+
+    assert answer_cut_off(raised(requests.exceptions.ChunkedEncodingError("IncompleteRead")))
+    assert answer_cut_off(raised(requests.exceptions.ConnectionError("Connection aborted.")))
+    assert not answer_cut_off(raised(requests.exceptions.ConnectionError(MaxRetryError(None, "/x", "refused"))))
+    assert not answer_cut_off(MlflowException("RESOURCE_DOES_NOT_EXIST: run 'x' not found"))
+    assert not answer_cut_off(ValueError("a bug in a job"))
+
+
 def test_server_gone_for_good_keeps_everything_local_and_says_how_to_upload(
         own_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
@@ -159,15 +201,20 @@ def _plain_env() -> dict[str, str]:
 class BreakingProxy:
     """Forwards every request to ``upstream``; a GET of a ``last.ckpt`` artifact gets half its bytes.
 
+    ``method``/``target`` choose other requests to break (the path's ending), ``times`` only
+    the first so many of them (each after the server has done what was asked).
+
     ``mode="cut"``: the full Content-Length is announced, half the body sent, the connection closed
     (the client sees a broken transfer). ``mode="intact"``: passed through unchanged. ``mode="short"``: no Content-Length, half the body, then
     close (a shorter file that looks complete). ``mode="garble"``: the full length, second half zeros.
     """
 
-    def __init__(self, upstream: str, mode: str) -> None:
+    def __init__(self, upstream: str, mode: str, method: str = "GET", target: str = "/last.ckpt",
+                 times: int | None = None) -> None:
         self.upstream = urlsplit(upstream)
-        self.mode = mode
+        self.mode, self.method, self.target, self.times = mode, method, target, times
         self.broken = 0
+        lock = threading.Lock()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -186,18 +233,20 @@ class BreakingProxy:
                 data = resp.read()
                 conn.close()
                 # The file itself, not a listing whose query names it.
-                breaking = (self.command == "GET" and urlsplit(self.path).path.endswith("/last.ckpt")
-                            and resp.status == 200)
+                with lock:
+                    breaking = (self.command == proxy.method and resp.status == 200
+                                and urlsplit(self.path).path.endswith(proxy.target)
+                                and proxy.mode != "intact"
+                                and (proxy.times is None or proxy.broken < proxy.times))
+                    proxy.broken += breaking
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
                 if breaking and proxy.mode == "garble":
                     # Same length, second half zeroed: a transfer corrupted on the way.
-                    proxy.broken += 1
                     data = data[: len(data) // 2] + bytes(len(data) - len(data) // 2)
-                elif breaking and proxy.mode != "intact":
-                    proxy.broken += 1
+                elif breaking:
                     if proxy.mode == "cut":
                         self.send_header("Content-Length", str(len(data)))
                     self.send_header("Connection", "close")
