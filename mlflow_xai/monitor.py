@@ -77,7 +77,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from mlflow_xai.errors import XAIError
-from mlflow_xai.inspect.hooks import LayerSelection, first_tensor, resolve_layers
+from mlflow_xai.inspect.hooks import LayerSelection, first_tensor, is_leaf, resolve_layers
+from mlflow_xai.inspect.modules import RELU_FAMILY, eval_mode, has_weight, unit_dim
 
 if TYPE_CHECKING:
     import numpy as np
@@ -158,12 +159,6 @@ _MAX_METRICS_PER_CALL = 1000
 _BAD_METRIC_CHARS = re.compile(r"[^/\w.\- ]")
 _TAG_PREFIX = "mlflow_xai.alert."
 _IMAGE_KEYS = {"weights": "xai_weights", "gradients": "xai_gradients", "activations": "xai_activations"}
-# Only these outputs are exactly 0 for every negative input, so a unit <= 0 on the whole
-# batch passes no gradient back: "dead". The same family as mlflow_xai.inspect.
-_RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
-# Outputs laid out (N, ..., D), units on the last dim, as in mlflow_xai.inspect.core;
-# others are (N, C, ...) with units on dim 1, PyTorch's convention.
-_CHANNEL_LAST: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding)
 
 
 class XAIMonitorWarning(UserWarning):
@@ -278,6 +273,7 @@ class XAIMonitor(Callback):
         self._logs = False  # ... and this is global rank 0
         self._weight_layers: list[tuple[str, nn.Parameter]] = []
         self._act_modules: dict[str, nn.Module] = {}
+        self._layout_modules: dict[str, nn.Module] = {}
         self._rank: dict[str, int] = {}  # name -> position in named_modules()
         self._keys: dict[str, str] = {}  # name -> metric-safe name
         self._x: Tensor | None = None
@@ -324,8 +320,11 @@ class XAIMonitor(Callback):
             # before them are pre-activations that would double the metrics. A network
             # with functional activations (F.relu) has none: its layers' outputs then.
             acts = [(n, m) for n, m in chosen if _is_activation(m)] or chosen
-        self._weight_layers = [(n, m.weight) for n, m in chosen if _has_weight(m)]
+        self._weight_layers = [(n, m.weight) for n, m in chosen if has_weight(m)]
         self._act_modules = dict(acts)
+        # Every leaf is hooked for its output's layout only, so a unit's dim follows the
+        # rule explain uses (an activation inherits it from the module called before it).
+        self._layout_modules = {n: m for n, m in root.named_modules() if n and is_leaf(m)} | self._act_modules
         self._keys = {n: _BAD_METRIC_CHARS.sub("_", n) for n, _ in chosen}
         self._history = {n: deque(maxlen=HISTORY_LENGTH) for n, _ in self._weight_layers}
         # fp16 AMP: an overflowing gradient is normal (the scaler skips that step).
@@ -590,17 +589,10 @@ class XAIMonitor(Callback):
         if self._x is None or not self._act_modules:
             return None
         x = self._x if self._x.device == pl_module.device else self._x.to(pl_module.device)
-        flags = [(m, m.training) for m in pl_module.modules()]
-        stats = _ActStats(_acc_dtype(x.device), keep_outputs)
-        try:
-            pl_module.eval()
-            with torch.no_grad(), trainer.precision_plugin.forward_context():
-                with _hooked(self._act_modules, stats.hook):
-                    pl_module(x)
-        finally:
-            # Each module's own flag: model.train() would wake modules the user froze.
-            for m, flag in flags:
-                m.training = flag
+        stats = _ActStats(_acc_dtype(x.device), keep_outputs, frozenset(self._act_modules))
+        with eval_mode(pl_module), torch.no_grad(), trainer.precision_plugin.forward_context():
+            with _hooked(self._layout_modules, stats.hook):
+                pl_module(x)
         return stats.finish()
 
     # -------------------------------------------------------------- logging
@@ -888,10 +880,6 @@ def _auto_every(max_epochs: int | None) -> int:
     return max(1, math.ceil(max_epochs / HISTOGRAM_SNAPSHOTS))
 
 
-def _has_weight(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "weight", None), nn.Parameter)
-
-
 def _is_activation(module: nn.Module) -> bool:
     # torch.nn.modules.activation holds ReLU, GELU, Tanh, Sigmoid, Softmax, ... and
     # MultiheadAttention, which is a layer, not an activation.
@@ -902,7 +890,7 @@ def _is_activation(module: nn.Module) -> bool:
 
 def _default_layer(module: nn.Module) -> bool:
     """The modules ``layers=None`` picks: those with a weight, and the activations."""
-    return _has_weight(module) or _is_activation(module)
+    return has_weight(module) or _is_activation(module)
 
 
 def _acc_dtype(device: torch.device) -> torch.dtype:
@@ -1013,6 +1001,7 @@ class _ActStats:
 
     acc: torch.dtype
     keep_outputs: bool  # copies for the histograms (rank 0, histogram epochs only)
+    measured: frozenset[str]  # the other hooked modules only give the layout (unit dims)
     moments: dict[str, Tensor] = field(default_factory=dict)
     alive: dict[str, Tensor] = field(default_factory=dict)
     outputs: dict[str, Tensor] = field(default_factory=dict)
@@ -1021,19 +1010,21 @@ class _ActStats:
     vector: Tensor | None = None
     hist: np.ndarray | None = None
     hist_names: list[str] = field(default_factory=list)
-    _prev: tuple[torch.Size, int] | None = None
+    _prev: tuple[torch.Size, int | None] | None = None
 
     def hook(self, name: str, module: nn.Module, output: Any) -> None:
         t = first_tensor(output)
         if t is None or t.numel() == 0:
             return
+        dim = unit_dim(t, module, self._prev)
+        self._prev = (t.shape, dim)
+        if name not in self.measured:
+            return
         t = t.detach()
         a = t.to(self.acc)
         m = torch.stack([a.new_tensor(float(t.numel())), a.sum(), (a * a).sum()])
         self.moments[name] = self.moments[name] + m if name in self.moments else m
-        dim = _unit_dim(t, module, self._prev)
-        self._prev = (t.shape, dim)
-        if isinstance(module, _RELU_FAMILY) and t.dim() >= 2:
+        if isinstance(module, RELU_FAMILY) and t.dim() >= 2:
             reduce = tuple(d for d in range(t.dim()) if d != dim)
             alive = (torch.amax(t, dim=reduce).reshape(-1) > 0).to(self.acc)
             old = self.alive.get(name)
@@ -1084,17 +1075,6 @@ def _hooked(modules: Mapping[str, nn.Module], hook: Callable[[str, nn.Module, An
     finally:
         for h in handles:
             h.remove()
-
-
-def _unit_dim(t: Tensor, module: nn.Module, prev: tuple[torch.Size, int] | None) -> int:
-    """The dim holding the units, by the rule of ``mlflow_xai.inspect.core``: the last
-    one for Linear-like outputs (N, ..., D), dim 1 for conv-like (N, C, ...), and an
-    activation inherits it from the hooked output before it when the shapes agree."""
-    if t.dim() <= 2 or isinstance(module, _CHANNEL_LAST):
-        return t.dim() - 1
-    if prev is not None and prev[0] == t.shape and _is_activation(module):
-        return prev[1]
-    return 1
 
 
 def _chunks_by_step(metrics: list[Metric], limit: int) -> list[list[Metric]]:

@@ -178,6 +178,29 @@ def test_activation_statistics_match_a_direct_forward(client: MlflowClient) -> N
     assert dead == pytest.approx((h.amax(dim=0) <= 0).float().mean().item())
 
 
+def test_dead_share_counts_the_same_units_as_explain_on_a_sequence(client: MlflowClient) -> None:
+    """(N, T, D) outputs: units are the D features (one rule, inspect.modules.unit_dim), not the T positions."""
+    from mlflow_xai import explain
+
+    class Sequence(TinyNet):
+        def __init__(self) -> None:
+            super().__init__(lr=0.0)  # the weights the monitor measured are the ones explained below
+            self.net = nn.Sequential(nn.Linear(2, 8), nn.RMSNorm(8), nn.ReLU(), nn.Linear(8, 1))
+            with torch.no_grad():  # units 0-3 negative for every input: dead behind the ReLU
+                self.net[0].weight[:4] = 0.0
+                self.net[0].bias[:4] = -1.0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x.view(-1, 2, 2)).mean(dim=1)  # two positions of two features each
+
+    model = Sequence()
+    batch = torch.randn(32, 4, generator=torch.Generator().manual_seed(3))
+    run_id = fit_in_run(model, XAIMonitor(monitor_batch=batch, histogram_every_n_epochs=0), epochs=1)
+    monitored = client.get_metric_history(run_id, "dead_share/net.2")[0].value
+    explained = explain(model, batch).activations["net.2"].dead_share
+    assert explained >= 0.5 and monitored == pytest.approx(explained)  # units 0-3 at least
+
+
 def test_functional_activations_fall_back_to_the_layer_outputs(client: MlflowClient) -> None:
     class Functional(TinyNet):
         def __init__(self) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 from mlflow_xai.errors import XAIError
 from mlflow_xai.inspect.diagnostics import diagnose, gradient_flags
 from mlflow_xai.inspect.hooks import LayerSelection, first_tensor, is_leaf, record_outputs, resolve_layers
-from mlflow_xai.inspect.modules import CHANNEL_FIRST, CHANNEL_LAST, RELU_FAMILY, eval_mode, has_weight
+from mlflow_xai.inspect.modules import RELU_FAMILY, eval_mode, has_weight, unit_dim
 from mlflow_xai.inspect.results import (
     Explanation,
     LayerActivations,
@@ -116,30 +116,13 @@ def _unit_dims(
     order: Sequence[str],
     modules: dict[str, nn.Module],
 ) -> dict[str, int | None]:
-    """Which dim holds the units of each output (``None``: the output is one unit).
-
-    Conv/BN/pool outputs are (N, C, ...): units on dim 1. Linear/LayerNorm/attention/RNN
-    outputs are (N, ..., D): units on the last dim, also for (N, T, D) sequences.
-    Elementwise layers (activations, dropout) have no layout of their own and inherit it
-    from the output they were called right after when the shapes agree; otherwise
-    dim 1 (PyTorch's channel-first convention).
-    """
+    """Which dim holds the units of each output (``None``: one unit), by
+    :func:`mlflow_xai.inspect.modules.unit_dim`, in the order the outputs were hooked."""
     dims: dict[str, int | None] = {}
     prev: tuple[torch.Size, int | None] | None = None
     for name in order:  # a module called twice: its later call (and output) wins
         t = captured[name]
-        m = modules[name]
-        if t.dim() <= 1:
-            dim: int | None = None
-        elif isinstance(m, CHANNEL_LAST):
-            dim = t.dim() - 1
-        elif isinstance(m, CHANNEL_FIRST):
-            dim = 1
-        elif prev is not None and prev[0] == t.shape:
-            dim = prev[1]
-        else:
-            dim = 1
-        dims[name] = dim
+        dims[name] = dim = unit_dim(t, modules[name], prev)
         prev = (t.shape, dim)
     return dims
 

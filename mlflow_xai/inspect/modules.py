@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["CHANNEL_FIRST", "CHANNEL_LAST", "RELU_FAMILY", "eval_mode", "has_weight"]
+__all__ = ["CHANNEL_FIRST", "CHANNEL_LAST", "RELU_FAMILY", "eval_mode", "has_weight", "unit_dim"]
 
 # Modules whose units sit on dim 1 (N, C, ...) ...
 CHANNEL_FIRST: tuple[type[nn.Module], ...] = (
@@ -67,3 +67,30 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 def has_weight(module: nn.Module) -> bool:
     """Whether the module owns a ``weight`` tensor (a layer with weights to look at)."""
     return isinstance(module._parameters.get("weight"), torch.Tensor)
+
+
+def unit_dim(t: torch.Tensor, module: nn.Module, prev: tuple[torch.Size, int | None] | None) -> int | None:
+    """Which dim of ``module``'s output ``t`` holds its units (``None``: one unit).
+
+    Conv/BN/pool outputs are (N, C, ...): units on dim 1. Linear/LayerNorm/attention/RNN
+    outputs are (N, ..., D): units on the last dim, also for (N, T, D) sequences.
+    Elementwise layers (activations, dropout) have no layout of their own and inherit it
+    from the output hooked right before (``prev``: its shape and unit dim) when the shapes
+    agree; otherwise dim 1, PyTorch's channel-first convention. ``explain`` and the
+    monitor both count units (mean activation per unit, dead share) by this rule.
+
+    Example:
+        >>> unit_dim(torch.zeros(8, 5, 16), nn.Linear(4, 16), None)
+        2
+        >>> unit_dim(torch.zeros(8, 3, 6, 6), nn.Conv2d(1, 3, 3), None)
+        1
+    """
+    if t.dim() <= 1:
+        return None
+    if isinstance(module, CHANNEL_LAST):
+        return t.dim() - 1
+    if isinstance(module, CHANNEL_FIRST):
+        return 1
+    if prev is not None and prev[0] == t.shape:
+        return prev[1]
+    return 1
