@@ -1,6 +1,7 @@
 """Data sets and the cookbook's split.
 
-The embedded default is scikit-learn's bundled diabetes data (no download). A user's
+The embedded default is the diabetes data of Efron et al. (2004), as scikit-learn bundles
+it (``load_diabetes(scaled=False)``), shipped in this package as ``diabetes.csv.gz``. A user's
 own CSV or Parquet table is read with ``--data PATH --target COLUMN``. As in the
 spotpython cookbook, ``test_size`` and ``seed`` pick the test part, and the network is
 trained on that test part (with a validation fraction for early stopping) and evaluated
@@ -95,11 +96,13 @@ def load_dataset(
     if task not in TASKS:
         raise XAIError(f"task {task!r} is not supported; use one of {', '.join(TASKS)}")
     if spec in (None, "", "diabetes"):
-        from sklearn.datasets import load_diabetes
+        import gzip
 
-        bunch = load_diabetes(scaled=False)
-        X = np.asarray(bunch.data, dtype=np.float32)
-        y_raw = np.asarray(bunch.target, dtype=np.float64)
+        with gzip.open(Path(__file__).with_name("diabetes.csv.gz"), "rt") as f:
+            columns = f.readline().strip().split(",")
+            table = np.loadtxt(f, delimiter=",", dtype=np.float64)
+        X = table[:, :-1].astype(np.float32)
+        y_raw = table[:, -1]
         if task == "classification":
             raise XAIError(
                 "the diabetes data is a regression task; drop --task classification or use --data"
@@ -108,7 +111,7 @@ def load_dataset(
             name="diabetes",
             X=X,
             y=y_raw.astype(np.float32),
-            feature_names=tuple(bunch.feature_names),
+            feature_names=tuple(columns[:-1]),
             target="target",
             task="regression",
         )
@@ -211,19 +214,20 @@ def split_dataset(
     if overrides:
         spec = SplitSpec(**{**spec.__dict__, **overrides})
     test_size, seed, val_fraction = spec.test_size, spec.seed, spec.val_fraction
-    from sklearn.model_selection import train_test_split
+    idx = np.arange(len(ds.X))
+    if ds.task == "classification" and _can_stratify(ds.y, test_size):
+        from sklearn.model_selection import train_test_split
 
-    n = len(ds.X)
-    idx = np.arange(n)
-    stratify = ds.y if ds.task == "classification" and _can_stratify(ds.y, test_size) else None
-    train_idx, test_idx = train_test_split(idx, test_size=test_size, random_state=seed, stratify=stratify)
+        train_idx, test_idx = train_test_split(idx, test_size=test_size, random_state=seed, stratify=ds.y)
+    else:
+        train_idx, test_idx = shuffle_split(idx, test_size, seed)
     if len(test_idx) < 4:
         raise XAIError(f"the test part has only {len(test_idx)} rows; use more data or a larger test_size")
     mean = ds.X[train_idx].mean(axis=0)
     std = ds.X[train_idx].std(axis=0)
     std = np.where(std > 0, std, 1.0).astype(np.float32)  # a constant feature stays 0, not NaN
     Xs = ((ds.X - mean) / std).astype(np.float32)
-    fit_idx, val_idx = train_test_split(test_idx, test_size=val_fraction, random_state=seed)
+    fit_idx, val_idx = shuffle_split(test_idx, val_fraction, seed)
     y_mean, y_std = 0.0, 1.0
     ys = ds.y
     if ds.task == "regression":
@@ -237,6 +241,31 @@ def split_dataset(
         mean=mean.astype(np.float32), std=std, y_mean=y_mean, y_std=y_std,
         n_train=len(train_idx), seed=seed, test_size=test_size, val_fraction=val_fraction,
     )
+
+
+def shuffle_split(items: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, test)``: the rows scikit-learn's ``train_test_split(items, test_size=test_size,
+    random_state=seed)`` picks, without importing scikit-learn.
+
+    The test part is the first ``ceil(test_size * n)`` of ``RandomState(seed).permutation(n)``,
+    the train part the rest, as in ``ShuffleSplit``; tests check the rows against scikit-learn.
+
+    Example:
+        >>> train, test = shuffle_split(np.arange(5), 0.4, 42)
+        >>> sorted(np.concatenate([train, test]).tolist()), len(test)
+        ([0, 1, 2, 3, 4], 2)
+    """
+    import math
+
+    n = len(items)
+    n_test = math.ceil(test_size * n)
+    if not 0 < n_test < n:
+        raise XAIError(
+            f"test_size={test_size} of {n} rows leaves an empty part; use more rows or a test_size "
+            "that keeps at least one row on each side"
+        )
+    permutation = np.random.RandomState(seed).permutation(n)
+    return items[permutation[n_test:]], items[permutation[:n_test]]
 
 
 def _can_stratify(y: np.ndarray, test_size: float) -> bool:

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlflow_xai.data import load_dataset, split_dataset
+from mlflow_xai.data import load_dataset, shuffle_split, split_dataset
 from mlflow_xai.errors import XAIError
 
 
@@ -14,6 +14,44 @@ def test_diabetes_is_embedded_with_feature_names() -> None:
     ds = load_dataset("diabetes")
     assert ds.X.shape == (442, 10) and ds.task == "regression" and ds.n_out == 1
     assert ds.feature_names == ("age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6")
+
+
+def test_the_embedded_diabetes_data_is_scikit_learns() -> None:
+    from sklearn.datasets import load_diabetes
+
+    bunch, ds = load_diabetes(scaled=False), load_dataset("diabetes")
+    np.testing.assert_array_equal(ds.X, bunch.data.astype(np.float32))
+    np.testing.assert_array_equal(ds.y, bunch.target.astype(np.float32))
+    assert ds.feature_names == tuple(bunch.feature_names)
+
+
+@pytest.mark.parametrize(("n", "test_size", "seed"), [(442, 0.4, 42), (177, 0.2, 42), (10, 0.25, 0), (7, 0.5, 123)])
+def test_shuffle_split_picks_the_rows_scikit_learn_picks(n: int, test_size: float, seed: int) -> None:
+    from sklearn.model_selection import train_test_split
+
+    items = np.arange(100, 100 + n)
+    ours, theirs = shuffle_split(items, test_size, seed), train_test_split(items, test_size=test_size,
+                                                                           random_state=seed)
+    for mine, sk in zip(ours, theirs, strict=True):
+        np.testing.assert_array_equal(mine, sk)
+
+
+def test_shuffle_split_refuses_an_empty_part() -> None:
+    with pytest.raises(XAIError, match="leaves an empty part"):
+        shuffle_split(np.arange(3), 0.99, 0)
+
+
+def test_r2_is_scikit_learns() -> None:
+    from sklearn.metrics import r2_score as sk_r2
+
+    from mlflow_xai.jobs.train import r2_score
+
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=50)
+    for pred in (y + rng.normal(scale=0.3, size=50), np.full(50, y.mean() + 1.0), y.copy()):
+        assert r2_score(y, pred) == pytest.approx(sk_r2(y, pred), rel=1e-12)
+    assert r2_score(np.ones(4), np.ones(4)) == sk_r2(np.ones(4), np.ones(4)) == 1.0
+    assert r2_score(np.ones(4), np.zeros(4)) == sk_r2(np.ones(4), np.zeros(4)) == 0.0
 
 
 def test_split_follows_the_cookbook_and_standardizes_with_training_stats() -> None:
