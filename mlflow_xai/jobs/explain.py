@@ -13,15 +13,19 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mlflow_xai import tracking
 from mlflow_xai.errors import XAIError
 from mlflow_xai.jobs.common import explain_data, load_source, progress_printer, resolve_device
+
+if TYPE_CHECKING:
+    from mlflow_xai.figures.style import Painter
 
 
 @dataclass
@@ -57,15 +61,15 @@ def parse_attributions(spec: str | None) -> tuple[str, ...]:
 
 
 def _attributions_stage(model: Any, X: np.ndarray, meta: dict[str, Any], methods: tuple[str, ...],
-                        baseline: np.ndarray, out: Path, images: dict[str, bytes], warnings: list[str],
-                        baseline_note: str = "training mean (0 after standardization)") -> dict[str, Any]:
+                        baseline: np.ndarray, out: Path, images: dict[str, Any], warnings: list[str],
+                        paint: Painter, baseline_note: str = "training mean (0 after standardization)",
+                        ) -> dict[str, Any]:
     """Feature attributions per method, the conductance of every hidden layer, and their figures.
 
     A method that cannot run on this model (captum's DeepLift on a module the forward
     calls twice, say) is left out with a warning instead of failing the explanation.
     """
     from mlflow_xai.figures.attributions import attribution_bar, conductance_figure, weights_vs_conductance
-    from mlflow_xai.figures.style import figure_to_png
     from mlflow_xai.inspect.attributions import attribute_with_error, conductance, rank_features
 
     task = meta["task"]
@@ -90,7 +94,7 @@ def _attributions_stage(model: Any, X: np.ndarray, meta: dict[str, Any], methods
             "completeness_error_mean": float(np.mean(err)) if err is not None else None,
         }
         (out / "attributions" / f"{method}.json").write_text(json.dumps(entry, indent=2), encoding="utf-8")
-        images[f"attributions/{method}.png"] = figure_to_png(attribution_bar(method, ranked))
+        images[f"attributions/{method}.png"] = paint(lambda m=method, r=ranked: attribution_bar(m, r))
         section["methods"][method] = {
             "top_features": [n for n, _ in ranked[:5]],
             "completeness_error_max": entry["completeness_error_max"],
@@ -116,7 +120,7 @@ def _attributions_stage(model: Any, X: np.ndarray, meta: dict[str, Any], methods
         cond = conductance(model, X, layer, baselines=baseline, task=task)
         per_unit = cond.mean(axis=0)
         cond_means[layer] = [float(v) for v in per_unit]
-        images[f"conductance/{layer}.png"] = figure_to_png(conductance_figure(layer, cond))
+        images[f"conductance/{layer}.png"] = paint(lambda n=layer, c=cond: conductance_figure(n, c))
     if blocks:
         head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
         with torch.no_grad():
@@ -125,8 +129,8 @@ def _attributions_stage(model: Any, X: np.ndarray, meta: dict[str, Any], methods
         w = head.weight.detach()[row].cpu().numpy()
         last = cond_means[blocks[-1]]
         if len(last) == len(w):
-            images["conductance/last_layer_weights_vs_conductance.png"] = figure_to_png(
-                weights_vs_conductance(blocks[-1], w, np.asarray(last)))
+            images["conductance/last_layer_weights_vs_conductance.png"] = paint(
+                lambda: weights_vs_conductance(blocks[-1], w, np.asarray(last)))
     (out / "conductance" / "conductance.json").write_text(
         json.dumps({"layers": cond_means}, indent=2), encoding="utf-8")
     section["conductance_layers"] = blocks
@@ -348,11 +352,18 @@ def _model_subject(source: tracking.Source, tmp: Path, dev: str, opts: ExplainOp
 def explain_in_run(run: Any, source: tracking.Source, tmp: Path, opts: ExplainOptions,
                    say: Callable[[str], None]) -> ExplainOutcome:
     """Explain ``source`` and log the ``xai/`` artifacts into the active ``run``."""
+    from mlflow_xai.figures.style import Painter
+
+    with Painter() as paint:
+        return _explain_in_run(run, source, tmp, opts, say, paint)
+
+
+def _explain_in_run(run: Any, source: tracking.Source, tmp: Path, opts: ExplainOptions,
+                    say: Callable[[str], None], paint: Painter) -> ExplainOutcome:
     import torch  # noqa: F401 - the stages below need it loaded
 
     from mlflow_xai.figures.diagram import architecture_dot, render_all
     from mlflow_xai.figures.layers import distribution_grid, heatmap, mean_activation_map
-    from mlflow_xai.figures.style import figure_to_png
     from mlflow_xai.inspect import explain, summary_dict
     from mlflow_xai.inspect.summary import json_safe
     from mlflow_xai.reports.explain import render_report
@@ -372,17 +383,19 @@ def explain_in_run(run: Any, source: tracking.Source, tmp: Path, opts: ExplainOp
     out = tmp / "xai"
     for kind in ("weights", "activations", "gradients"):
         (out / kind).mkdir(parents=True, exist_ok=True)
-    images: dict[str, bytes] = {}
+    images: dict[str, bytes | Future[bytes]] = {}
 
     say("4/7 drawing the figures")
-    images["weights/distributions.png"] = figure_to_png(distribution_grid("Weights", expl.weights))
+    # Drawn on the painter's thread while the stages below compute; collected before the report.
+    images["weights/distributions.png"] = paint(lambda: distribution_grid("Weights", expl.weights))
     for name, lw in expl.weights.items():
-        images[f"weights/{name}.png"] = figure_to_png(heatmap(f"{name} weight", lw.values, absolute=absolute))
-    images["activations/distributions.png"] = figure_to_png(distribution_grid("Activations", expl.activations))
-    images["activations/mean_activations.png"] = figure_to_png(mean_activation_map(expl.activations))
-    images["gradients/distributions.png"] = figure_to_png(distribution_grid("Gradients", expl.gradients))
+        images[f"weights/{name}.png"] = paint(lambda n=name, v=lw.values: heatmap(f"{n} weight", v, absolute=absolute))
+    images["activations/distributions.png"] = paint(lambda: distribution_grid("Activations", expl.activations))
+    images["activations/mean_activations.png"] = paint(lambda: mean_activation_map(expl.activations))
+    images["gradients/distributions.png"] = paint(lambda: distribution_grid("Gradients", expl.gradients))
     for name, lg in expl.gradients.items():
-        images[f"gradients/{name}.png"] = figure_to_png(heatmap(f"{name} weight gradient", lg.values, absolute=absolute))
+        images[f"gradients/{name}.png"] = paint(
+            lambda n=name, v=lg.values: heatmap(f"{n} weight gradient", v, absolute=absolute))
 
     say("5/7 drawing the architecture")
     warnings: list[str] = list(subject.warnings)
@@ -405,12 +418,13 @@ def explain_in_run(run: Any, source: tracking.Source, tmp: Path, opts: ExplainOp
         names = subject.feature_names or [f"x{i}" for i in range(X.shape[1])]
         summary["attributions"] = _attributions_stage(
             model, X, {"task": subject.task, "feature_names": names}, methods, subject.baseline, out, images,
-            warnings, baseline_note=("training mean (0 after standardization)" if source.kind == "checkpoint"
+            warnings, paint, baseline_note=("training mean (0 after standardization)" if source.kind == "checkpoint"
                                      else f"mean of the {len(X)} explained rows"))
     else:
         say("6/7 attributions skipped" + (" (--attributions none)" if not methods else ""))
 
     say("7/7 logging the artifacts")
+    images = {path: blob.result() if isinstance(blob, Future) else blob for path, blob in images.items()}
     for path, blob in images.items():
         if path.endswith(".svg") or path.endswith(".png"):
             (out / path).parent.mkdir(parents=True, exist_ok=True)
