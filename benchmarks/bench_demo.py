@@ -1,0 +1,134 @@
+"""The README's main job (``make demo``: train, then explain, the default config) against its compute floors.
+
+Whole processes, alternately, ``--repeats`` times, each in the same temporary folder
+with its own sqlite store:
+
+* ``train``: ``mlflow-xai train --quiet`` (the default config on the embedded diabetes
+  data: Lightning with early stopping, checkpoints, TensorBoard, the monitor, MLflow);
+* ``explain``: ``mlflow-xai explain --quiet`` of that run (every figure and attribution);
+* ``fit floor``: a process that fits the same network on the same rows in a bare
+  Lightning ``Trainer`` (same module, loaders, ``max_epochs`` and EarlyStopping; no logger,
+  no MLflow) and saves a checkpoint: what the cookbook's training costs at the least;
+* ``explain floor``: ``bench_explain.py``'s floor on that checkpoint: import torch, load
+  the weights, one forward and backward on the explained rows (the test part), one pass
+  over every parameter.
+
+It prints the medians and two ratios, the targets of the issue "the README's main job in
+seconds": ``explain / explain floor`` (at most 4x) and ``(train + explain) / (fit floor +
+explain floor)`` (at most 2x). Both fits must stop at the same epoch (it is printed).
+
+Run: ``.venv/bin/python benchmarks/bench_demo.py [--repeats 3] [--l1 16]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CLI = [sys.executable, "-m", "mlflow_xai"]
+EXPLAIN_TARGET = 4.0
+DEMO_TARGET = 2.0
+
+
+def fit_floor_main(config: str, out: str) -> None:
+    """Child process: the bare Lightning fit of the config, a checkpoint and the explained rows saved."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from mlflow_xai import train as train_mod
+    from mlflow_xai.config import load_config
+    from mlflow_xai.data import load_dataset, split_dataset
+
+    cfg = load_config(config)
+    ds = load_dataset("diabetes")
+    split = split_dataset(ds)
+    L.seed_everything(split.seed, workers=True, verbose=False)
+    module = train_mod.XAIModule(cfg, ds.X.shape[1], ds.n_out, ds.task,
+                                 train_mod.checkpoint_meta(cfg, ds, split, "diabetes"))
+    train_dl, val_dl = train_mod.loaders(split, ds.task, cfg.batch_size)
+    trainer = L.Trainer(max_epochs=cfg.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        callbacks=[EarlyStopping(monitor="val_loss", mode="min", patience=cfg.patience)],
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(module, train_dl, val_dl)
+    trainer.save_checkpoint(str(Path(out) / "floor.ckpt"))
+    torch.save({"X": torch.as_tensor(split.X_test), "y": torch.as_tensor(split.y_test)}, Path(out) / "batch.pt")
+    print(json.dumps({"epochs": trainer.current_epoch}))
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])}... failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
+    return wall, proc.stdout
+
+
+def main() -> None:
+    if len(sys.argv) >= 2 and sys.argv[1] == "--_fit":
+        fit_floor_main(sys.argv[2], sys.argv[3])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--l1", type=int, default=None, help="the config's l1 (default: the default config's)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per child process")
+    args = parser.parse_args()
+
+    from mlflow_xai.config import TunedConfig
+
+    cfg = TunedConfig() if args.l1 is None else TunedConfig(l1=args.l1)
+    times: dict[str, list[float]] = {k: [] for k in ("train", "explain", "fit floor", "explain floor")}
+    epochs: dict[str, set[int]] = {"train": set(), "fit floor": set()}
+    with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp_name:
+        tmp = Path(tmp_name)
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict()))
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "PYTHONWARNINGS": "ignore"}
+        env.pop("MLFLOW_RUN_ID", None)
+        print(f"{os.cpu_count()} cores, config l1={cfg.l1}, epochs={cfg.epochs}; "
+              f"median of {args.repeats} alternating runs", flush=True)
+        # Warm-up (page cache, .pyc files, the sqlite schema): no row's cost.
+        timed([*CLI, "train", "--quiet", "--config", "config.json"], tmp, env, args.timeout)
+        for i in range(args.repeats):
+            wall, out = timed([sys.executable, str(Path(__file__).resolve()), "--_fit", "config.json", str(tmp)],
+                              tmp, env, args.timeout)
+            times["fit floor"].append(wall)
+            epochs["fit floor"].add(json.loads(out.strip().splitlines()[-1])["epochs"])
+            wall, _ = timed([sys.executable, str(HERE / "bench_explain.py"), "--_floor", str(tmp / "floor.ckpt"),
+                             str(tmp / "batch.pt")], tmp, env, args.timeout)
+            times["explain floor"].append(wall)
+            wall, out = timed([*CLI, "train", "--quiet", "--config", "config.json"], tmp, env, args.timeout)
+            times["train"].append(wall)
+            wall, _ = timed([*CLI, "explain", "--quiet"], tmp, env, args.timeout)
+            times["explain"].append(wall)
+            print(f"  run {i + 1}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items()), flush=True)
+        import mlflow
+
+        client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+        for run in client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                      "tags.`mlflow_xai.role` = 'train'"):
+            epochs["train"].add(int(run.data.metrics.get("epochs_run", -1)))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print()
+    print(f"{'job':<16} {'median s':>9} {'runs':<30}")
+    for k, v in times.items():
+        print(f"{k:<16} {med[k]:>9.2f} {', '.join(f'{x:.1f}' for x in v):<30}")
+    explain_ratio = med["explain"] / med["explain floor"]
+    demo_ratio = (med["train"] + med["explain"]) / (med["fit floor"] + med["explain floor"])
+    print()
+    print(f"explain / explain floor:                      {explain_ratio:5.2f}x  (target <= {EXPLAIN_TARGET:g}x)")
+    print(f"(train + explain) / (fit floor + explain floor): {demo_ratio:5.2f}x  (target <= {DEMO_TARGET:g}x)")
+    print(f"epochs run: mlflow-xai train {sorted(epochs['train'])}, fit floor {sorted(epochs['fit floor'])}")
+
+
+if __name__ == "__main__":
+    main()
