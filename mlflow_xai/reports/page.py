@@ -3,7 +3,8 @@ the formatting and escaping of values.
 
 The MLflow UI shows HTML artifacts in a sandboxed frame where relative links do not
 resolve and no stylesheet loads, so a page carries its style inline and its images
-as ``data:`` URIs. Every value from a summary is escaped before it is written.
+as ``data:`` URIs; a page with a script carries it inline too (the frame runs
+scripts but allows no request). Every value from a summary is escaped before it is written.
 """
 
 from __future__ import annotations
@@ -59,13 +60,21 @@ figcaption { color: #555; font-size: .85rem; }
 """
 
 
-def page_head(title: str) -> list[str]:
-    """The opening of a self-contained page: doctype, the shared style, the title heading."""
+def page_head(title: str, *, css: str = "", script: str = "") -> list[str]:
+    """The opening of a self-contained page: doctype, the shared style, the title heading.
+
+    Args:
+        title: Page title and heading (escaped here).
+        css: Style a page adds to :data:`CSS`, inline like it.
+        script: A script for the head, inline (the sandboxed frame loads no file); it
+            runs before the body exists, so it should wait for ``DOMContentLoaded``.
+    """
+    head_script = f"<script>{script}</script>" if script else ""
     return [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{escape(title)}</title>",
-        f"<style>{CSS}</style></head><body>",
+        f"<style>{CSS}{css}</style>{head_script}</head><body>",
         f"<h1>{escape(title)}</h1>",
     ]
 
