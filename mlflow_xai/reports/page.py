@@ -10,13 +10,15 @@ scripts but allows no request). Every value from a summary is escaped before it 
 from __future__ import annotations
 
 import base64
+import json
 import math
 import numbers
 from html import escape
 from pathlib import PurePosixPath
 from typing import Any
 
-__all__ = ["CSS", "DASH", "MIME_TYPES", "figure", "is_number", "number", "page_head", "percent", "shape", "text"]
+__all__ = ["CSS", "DASH", "MIME_TYPES", "figure", "is_number", "number", "page_head", "percent", "script_json",
+           "shape", "text"]
 
 MIME_TYPES = {
     ".png": "image/png",
@@ -87,6 +89,21 @@ def figure(path: str, data: bytes, caption: str | None) -> str:
         f'<figure><img src="data:{mime};base64,{encoded}" alt="{escape(path)}">'
         f"<figcaption>{text}<code>{escape(path)}</code></figcaption></figure>"
     )
+
+
+def script_json(data: Any) -> str:
+    """``data`` as JSON safe inside a ``<script type="application/json">`` element.
+
+    ``<``, ``>`` and ``&`` are written as ``\\u003c`` ..., so no string (a layer name such
+    as ``</script><script>...``) can end the element or open a comment; ``JSON.parse``
+    reads them back unchanged. NaN and Inf are refused (JSON has neither): pass None.
+
+    Example:
+        >>> script_json({"name": "</script>"})
+        '{"name":"\\\\u003c/script\\\\u003e"}'
+    """
+    return (json.dumps(data, allow_nan=False, separators=(",", ":"))
+            .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
 
 
 def is_number(value: Any) -> bool:

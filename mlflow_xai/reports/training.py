@@ -22,7 +22,6 @@ The page opens on the layer with the most notable change (:func:`opening_view`).
 from __future__ import annotations
 
 import base64
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from mlflow_xai.reports.page import page_head, text
+from mlflow_xai.reports.page import page_head, script_json, text
 
 __all__ = [
     "KINDS",
@@ -319,12 +318,6 @@ def _alerts(record: TrainingRecord) -> list[dict[str, Any]]:
     return out
 
 
-def _json_for_script(data: Mapping[str, Any]) -> str:
-    # Inside <script> only "</script" and "<!--" end or confuse it: no "<" at all is safest.
-    return (json.dumps(data, allow_nan=False, separators=(",", ":"))
-            .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
-
-
 # ------------------------------------------------------------------ page
 
 
@@ -353,7 +346,7 @@ def render_training_page(record: TrainingRecord) -> str:
         "images, and the curves are its <code>weight_norm/</code>, <code>grad_norm/</code>, ... metrics."
         "</p></noscript>",
         _BODY,
-        f'<script type="application/json" id="xai-data">{_json_for_script(data)}</script>',
+        f'<script type="application/json" id="xai-data">{script_json(data)}</script>',
         f"<script>{TRAINING_JS}</script>",
         "</body></html>",
     ]
