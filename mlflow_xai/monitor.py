@@ -371,7 +371,7 @@ class XAIMonitor(Callback):
             self._writer = _Writer(client, self.run_id)
             self._last_flush = time.monotonic()
             if self.training_page:
-                self._record = TrainingRecord(bins=HISTOGRAM_BINS, title=f"Training dynamics: run {self.run_id}",
+                self._record = TrainingRecord(bins=HISTOGRAM_BINS, title="Training dynamics",
                                               run_id=self.run_id, layer_keys=dict(self._keys))
         if self.monitor_batch is not None:
             self._x = self.monitor_batch.detach()

@@ -379,7 +379,9 @@ _BODY = """
 
 #: Style of the training page, added to the shared :data:`mlflow_xai.reports.page.CSS`.
 TRAINING_CSS = """
-.app { display: grid; grid-template-columns: minmax(9rem, max-content) 1fr; gap: 1rem; align-items: start; }
+.app { display: grid; grid-template-columns: minmax(7rem, max-content) minmax(0, 1fr); gap: 1rem;
+       align-items: start; }
+main { min-width: 0; }
 .layers { display: flex; flex-direction: column; gap: 2px; position: sticky; top: .5rem;
           max-height: 95vh; overflow-y: auto; }
 .layers button, .tabs button { font: 12px ui-monospace, monospace; text-align: left; cursor: pointer;
@@ -389,12 +391,13 @@ TRAINING_CSS = """
 .layers button:disabled, .tabs button:disabled { color: #aaa; cursor: default; }
 .tabs { display: flex; gap: .3rem; }
 .tabs button { font-family: inherit; font-size: 13px; }
-.heat { position: relative; display: inline-block; }
-canvas { border: 1px solid #ddd; max-width: 100%; }
+.heat { position: relative; max-width: 720px; }
+canvas { border: 1px solid #ddd; width: 100%; display: block; }
+#hist svg { width: 100%; max-width: 720px; height: auto; }
 .tip { position: absolute; pointer-events: none; background: rgba(255,255,255,.95); border: 1px solid #999;
        font: 12px ui-monospace, monospace; padding: 2px 5px; display: none; white-space: nowrap; }
 .slider { display: flex; align-items: center; gap: .6rem; margin: .6rem 0; }
-.slider input { width: 420px; }
+.slider input { width: min(420px, 60%); }
 .slider output { font-variant-numeric: tabular-nums; font-weight: 600; }
 #alerts ul { color: #a00; }
 #alerts button { font: inherit; color: #a00; background: none; border: none; text-decoration: underline;
@@ -535,8 +538,10 @@ TRAINING_JS = r"""
     ctx.fillStyle = "#333"; ctx.font = "11px system-ui, sans-serif"; ctx.textAlign = "right";
     var every = Math.max(1, Math.ceil(n / 12));
     for (r = 0; r < n; r += every) ctx.fillText("ep " + D.epochs[L.snapshots[r]], left - 4, top + (r + 0.5) * rowH + 4);
-    ctx.textAlign = "center";
-    for (var t = 0; t <= 4; t++) ctx.fillText(fmt(rg[0] + (rg[1] - rg[0]) * t / 4), left + w * t / 4, top + h + 14);
+    for (var t = 0; t <= 4; t++) {
+      ctx.textAlign = t === 0 ? "left" : t === 4 ? "right" : "center";
+      ctx.fillText(fmt(rg[0] + (rg[1] - rg[0]) * t / 4), left + w * t / 4, top + h + 14);
+    }
     if (rg[0] < 0 && rg[1] > 0) {
       var zx = left + (-rg[0]) / (rg[1] - rg[0]) * w;
       ctx.strokeStyle = "#888"; ctx.setLineDash([3, 3]); ctx.beginPath();
@@ -575,7 +580,7 @@ TRAINING_JS = r"""
       d += "L" + x0.toFixed(1) + "," + y.toFixed(1) + "L" + x1.toFixed(1) + "," + y.toFixed(1);
     }
     d += "L" + (W - pad) + "," + (H - pad) + "Z";
-    var lo = L.lo[r], hi = L.hi[r], svg = '<svg width="' + W + '" height="' + H + '" class="curve" id="hist-svg">' +
+    var lo = L.lo[r], hi = L.hi[r], svg = '<svg viewBox="0 0 ' + W + ' ' + H + '" class="curve" id="hist-svg">' +
       '<path id="hist-path" d="' + d + '" fill="#4c72b0" stroke="#2a4d7f"/>' +
       '<line x1="' + pad + '" x2="' + (W - pad) + '" y1="' + (H - pad) + '" y2="' + (H - pad) + '" stroke="#999"/>';
     if (lo !== null && hi !== null && lo < 0 && hi > 0) {
