@@ -51,11 +51,12 @@ KINDS = ("weights", "gradients", "activations")
 #: kind, and a slider with more stops than pixels per stop shows nothing more.
 PAGE_MAX_SNAPSHOTS = 100
 #: Layers kept per kind. A cookbook network has 8 weight layers and 7 activations at any
-#: width; 64 covers deep MLPs and keeps a 100-layer network's page near 1 MB.
-PAGE_MAX_LAYERS = 64
+#: width; a deeper network keeps the 32 that moved most, and its page stays under 2 MB
+#: with every cap reached.
+PAGE_MAX_LAYERS = 32
 #: Steps kept per metric family (all layers of ``grad_norm`` share one step axis): a
-#: curve a few hundred pixels wide shows no more, and 64 layers x 6 families x 400
-#: float32 values stay under 1 MB as base64.
+#: curve a few hundred pixels wide shows no more, and 32 layers x 6 families x 400
+#: float32 values are 0.4 MB as base64.
 PAGE_MAX_POINTS = 400
 # Scalar curve families, in the page's order, with their labels.
 _FAMILIES = {
@@ -156,7 +157,8 @@ def _thin(n: int, limit: int) -> list[int]:
 
 
 def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+    """``value`` to 6 significant digits (what the page shows, and half the JSON), None if not finite."""
+    return float(f"{value:.6g}") if math.isfinite(value) else None
 
 
 def _moments(row: np.ndarray, bins: int) -> tuple[float, float]:
@@ -256,7 +258,7 @@ def page_data(record: TrainingRecord) -> dict[str, Any]:
                 "key": record.layer_keys.get(name, name),
                 "snapshots": [i for i, _ in entries],
                 "q": _b64(q),
-                "peak": [float(p) for p in peak],
+                "peak": [_finite(float(p)) for p in peak],
                 "lo": [_finite(float(r[bins])) for r in rows],
                 "hi": [_finite(float(r[bins + 1])) for r in rows],
                 "n": [int(r[bins + 2]) for r in rows],
@@ -361,7 +363,8 @@ _BODY = """
     <div id="kinds" class="tabs" role="tablist"></div>
     <p id="why" class="note"></p>
     <h2 id="dist-title">Distribution over epochs</h2>
-    <p class="note">Epoch down, value across; colour is each epoch's density (its highest bin darkest).
+    <p class="note">Epoch down, value across; colour is each epoch's density on a log scale (its highest bin
+    darkest, 1% of it lightest).
     Hover to read a bin; the line marks the epoch shown below.</p>
     <div class="heat"><canvas id="heat" width="720" height="280"></canvas><div id="heat-tip" class="tip"></div></div>
     <div class="slider"><label for="epoch">epoch</label>
@@ -531,7 +534,7 @@ TRAINING_JS = r"""
       var m = 0; for (var k = 0; k < COLS; k++) m = Math.max(m, rows[r][k]);
       for (k = 0; k < COLS; k++) {
         if (!rows[r][k]) continue;
-        ctx.fillStyle = colour(Math.sqrt(rows[r][k] / m));
+        ctx.fillStyle = colour(Math.log(1 + 99 * rows[r][k] / m) / Math.log(100));
         ctx.fillRect(left + k * colW, top + r * rowH, Math.ceil(colW), Math.ceil(rowH));
       }
     }
