@@ -538,7 +538,7 @@ class XAIMonitor(Callback):
         n = 0 if w_norm is None else len(self._weight_layers)
         self._log_epoch_end(step, values[:n], values[n:], acts)
         if self._record is not None:
-            self._record_losses(trainer, epoch, step)
+            _record_losses(self._record, trainer, epoch, step)
         if histograms or page:
             started = time.perf_counter()
             kinds = self._histogram_kinds(acts)
@@ -814,13 +814,6 @@ class XAIMonitor(Callback):
             self._warn_failure()
             self._writer = None
 
-    def _record_losses(self, trainer: Trainer, epoch: int, step: int) -> None:
-        """The epoch's scalar losses Lightning holds (``train_loss``, ``val_loss``, ...)."""
-        assert self._record is not None
-        for name, value in trainer.callback_metrics.items():
-            if "loss" in name and isinstance(value, Tensor) and value.numel() == 1:
-                self._record.add_loss(name, epoch, step, float(value))
-
     def _write_page(self) -> None:
         """Hand ``xai/training.html`` to the writer, once per fit."""
         record, writer = self._record, self._writer
@@ -925,6 +918,13 @@ def _auto_every(max_epochs: int | None, snapshots: int = HISTOGRAM_SNAPSHOTS) ->
     if max_epochs is None or max_epochs <= 0:  # unbounded: stopped by steps, time or a callback
         return snapshots
     return max(1, math.ceil(max_epochs / snapshots))
+
+
+def _record_losses(record: TrainingRecord, trainer: Trainer, epoch: int, step: int) -> None:
+    """The epoch's scalar losses Lightning holds (``train_loss``, ``val_loss``, ...)."""
+    for name, value in trainer.callback_metrics.items():
+        if "loss" in name and isinstance(value, Tensor) and value.numel() == 1:
+            record.add_loss(name, epoch, step, float(value))
 
 
 def _has_weight(module: nn.Module) -> bool:
