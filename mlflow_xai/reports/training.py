@@ -472,9 +472,13 @@ TRAINING_JS = r"""
     });
   }
   function choose(kind, layer) {
+    // A layer the new kind lacks (weights -> activations): the one at the same place in the list.
+    var before = layersOf(S.kind).map(function (L) { return L.name; }).indexOf(layer);
     S.kind = kind;
     var ls = layersOf(kind);
-    if (!ls.some(function (L) { return L.name === layer; })) layer = ls.length ? ls[0].name : null;
+    if (!ls.some(function (L) { return L.name === layer; })) {
+      layer = ls.length ? ls[Math.max(0, Math.min(before, ls.length - 1))].name : null;
+    }
     S.layer = layer;
     var L = current();
     S.snap = L ? L.snapshots.length - 1 : 0;
