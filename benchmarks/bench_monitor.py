@@ -11,9 +11,13 @@ table shows the median wall time of ``trainer.fit`` and its ratio to "off":
 * ``scalars only``: the monitor with ``histogram_every_n_epochs=0``: norms, update ratios
   every 50 steps and at each epoch's last step, activation statistics at each epoch end,
   alerts;
+* ``no page``: ``XAIMonitor(training_page=False)``: the defaults below without the
+  training page;
 * ``defaults``: ``XAIMonitor()``: the scalars plus three histogram images after the
   first and the last epoch and, in between, as often as ``HISTOGRAM_BUDGET`` (2%) of
-  the training time allows;
+  the training time allows, and the training page (histogram counts at every epoch
+  end here, ``xai/training.html`` built and stored at the end of the fit): ``defaults``
+  against ``no page`` is the page's cost;
 * ``hist/epoch``: histogram images after every epoch (``histogram_every_n_epochs=1``).
 
 The monitor logs to a fresh run in a sqlite store in a temporary folder (``--server``:
@@ -141,6 +145,7 @@ def main() -> None:
         variants: dict[str, Callable[[], XAIMonitor] | None] = {
             "off": None,
             "scalars only": lambda: XAIMonitor(histogram_every_n_epochs=0),
+            "no page": lambda: XAIMonitor(training_page=False),
             "defaults": lambda: XAIMonitor(),
             "hist/epoch": lambda: XAIMonitor(histogram_every_n_epochs=1),
         }
@@ -179,6 +184,9 @@ def main() -> None:
         best = min(w for w, _ in ts)
         print(f"{name:<13} {wall:>7.3f} {wall / off_wall:>6.3f} {cpu:>7.3f} {cpu / off_cpu:>6.3f} "
               f"{best:>7.3f} {best / off_best:>6.3f}   " + " ".join(f"{w:.2f}" for w, _ in ts))
+    page = statistics.median(w for w, _ in times["defaults"]) / statistics.median(w for w, _ in times["no page"])
+    page_best = min(w for w, _ in times["defaults"]) / min(w for w, _ in times["no page"])
+    print(f"training page (defaults / no page): {page:.3f} median, {page_best:.3f} best")
 
 
 if __name__ == "__main__":

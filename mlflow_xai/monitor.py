@@ -36,7 +36,14 @@ LightningModule, or in its submodule ``module`` when one is given; a metric's st
   condition holds and, once, when first seen, a warning line and the run tags
   ``mlflow_xai.alert.<kind> = 'true'``, ``mlflow_xai.alert.<kind>.first_layer`` and
   ``mlflow_xai.alert.<kind>.first_step``, searchable with
-  ``mlflow.search_runs(filter_string="tags.`mlflow_xai.alert.nan` = 'true'")``.
+  ``mlflow.search_runs(filter_string="tags.`mlflow_xai.alert.nan` = 'true'")``;
+* at the end of the fit (also one that stopped on an exception), unless
+  ``training_page=False``: ``xai/training.html``, one self-contained page to scrub
+  through every layer's weight, gradient and activation histograms over the epochs,
+  with the curves above, the alerts and the losses (:mod:`mlflow_xai.reports.training`).
+  Its histograms are counts binned at every epoch while ``max_epochs`` <=
+  :data:`~mlflow_xai.reports.training.PAGE_MAX_SNAPSHOTS`, else about that many times
+  per fit, and after the last epoch (no drawing: a few small tensor ops per layer).
 
 Cost: statistics are computed on the training device; only scalars and histogram counts
 leave it, once per measured step. Metrics are buffered and written with ``log_batch``
@@ -79,6 +86,7 @@ from torch import Tensor, nn
 from mlflow_xai.errors import XAIError
 from mlflow_xai.inspect.hooks import LayerSelection, first_tensor, is_leaf, resolve_layers
 from mlflow_xai.inspect.modules import RELU_FAMILY, eval_mode, has_weight, unit_dim
+from mlflow_xai.reports.training import PAGE_MAX_SNAPSHOTS, TrainingRecord, render_training_page
 
 if TYPE_CHECKING:
     import numpy as np
@@ -97,6 +105,7 @@ __all__ = [
     "HISTOGRAM_SNAPSHOTS",
     "HISTORY_LENGTH",
     "HISTORY_MIN",
+    "TRAINING_PAGE_PATH",
     "VANISHING_GRAD_NORM",
     "XAIMonitor",
     "XAIMonitorWarning",
@@ -158,6 +167,8 @@ _MAX_METRICS_PER_CALL = 1000
 # Characters MLflow accepts in a metric name; others in a layer name become "_".
 _BAD_METRIC_CHARS = re.compile(r"[^/\w.\- ]")
 _TAG_PREFIX = "mlflow_xai.alert."
+#: Artifact path of the training page in the run.
+TRAINING_PAGE_PATH = "xai/training.html"
 _IMAGE_KEYS = {"weights": "xai_weights", "gradients": "xai_gradients", "activations": "xai_activations"}
 
 
@@ -205,6 +216,7 @@ class XAIMonitor(Callback):
             (``layers.0``, not ``net.layers.0``). ``None``: the whole LightningModule.
         tensorboard: Also write the histograms to the trainer's TensorBoard loggers.
         quiet: Do not print alert lines (they are still logged as metrics and tags).
+        training_page: Write ``xai/training.html`` to the run at the end of the fit.
 
     Attributes:
         run_id: The run logged to (known after ``setup`` on global rank 0).
@@ -231,6 +243,7 @@ class XAIMonitor(Callback):
         tensorboard: bool = True,
         quiet: bool = False,
         module: str | None = None,
+        training_page: bool = True,
     ) -> None:
         super().__init__()
         if module is not None and (not isinstance(module, str) or not module):
@@ -246,6 +259,8 @@ class XAIMonitor(Callback):
                 "histogram_every_n_epochs must be None (about 10 per fit) or an integer >= 0 "
                 f"(0 turns histograms off), got {histogram_every_n_epochs!r}"
             )
+        if not isinstance(training_page, bool):
+            raise XAIError(f"training_page must be True or False, got {training_page!r}")
         if monitor_batch is not None and not isinstance(monitor_batch, Tensor):
             raise XAIError(
                 f"monitor_batch must be a torch.Tensor of inputs, got {type(monitor_batch).__name__}"
@@ -264,6 +279,7 @@ class XAIMonitor(Callback):
         self.module = module
         self.tensorboard = tensorboard
         self.quiet = quiet
+        self.training_page = training_page
         self.alerts: dict[str, str] = {}
         self._writer: _Writer | None = None
         self._reset()
@@ -295,6 +311,7 @@ class XAIMonitor(Callback):
         self._last_flush = 0.0
         self._flush_soon = False  # an alert fired: write at the end of this step
         self._failure_warned = False
+        self._record: TrainingRecord | None = None  # the training page's data (rank 0)
 
     def __getstate__(self) -> dict[str, Any]:
         # DDP spawn pickles callbacks into the workers; a thread cannot travel.
@@ -355,6 +372,9 @@ class XAIMonitor(Callback):
             client, self.run_id = found
             self._writer = _Writer(client, self.run_id)
             self._last_flush = time.monotonic()
+            if self.training_page:
+                self._record = TrainingRecord(bins=HISTOGRAM_BINS, title="Training dynamics",
+                                              run_id=self.run_id, layer_keys=dict(self._keys))
         if self.monitor_batch is not None:
             self._x = self.monitor_batch.detach()
 
@@ -449,13 +469,13 @@ class XAIMonitor(Callback):
             before = [p.detach().clone() if p.requires_grad else None for p in params]
         self._pending = _Pending(step, w_norm, g_norm, [p.grad is not None for p in params], before)
         self._measured_last_batch = self._is_last_batch
-        if self._is_last_batch and self._logs and self._every(trainer) != 0:
+        if self._is_last_batch and self._logs and (self._every(trainer) != 0 or self._record is not None):
             # References, not copies: before validation Lightning sets .grad to None
             # (on_validation_model_zero_grad), and if this epoch turns out to be the last,
             # the snapshot at on_train_end still has its gradients. Dropped when the next
             # batch starts, so they never coexist with the next step's gradients.
             self._last_grads = [(n, p.grad) for n, p in self._weight_layers if p.grad is not None]
-        if self._logs and self._histogram_epoch(trainer) and (
+        if self._logs and (self._histogram_epoch(trainer) or self._page_epoch(trainer)) and (
             self._is_last_batch or trainer.num_training_batches == float("inf")
         ):
             # Bin the epoch's gradients now, while they exist (the next zero_grad drops
@@ -502,6 +522,7 @@ class XAIMonitor(Callback):
         self._pending = None  # a measured step whose batch end never came
         step, epoch = trainer.global_step, trainer.current_epoch
         histograms = self._logs and self._histogram_epoch(trainer)
+        page = self._logs and self._page_epoch(trainer)
         # Weight norms belong to the measured steps; only an epoch whose last batch was
         # not measured (an iterable loader of unknown length) gets them here.
         w_norm: Tensor | None = None
@@ -509,7 +530,7 @@ class XAIMonitor(Callback):
             with torch.no_grad():
                 w_norm = torch.stack([_norm(p) for _, p in self._weight_layers])
         self._measured_last_batch = False
-        acts = self._activation_stats(trainer, pl_module, keep_outputs=histograms)
+        acts = self._activation_stats(trainer, pl_module, keep_outputs=histograms or page)
         vec = self._reduce(trainer, acts.vector, "sum") if acts is not None and acts.vector is not None else None
         if not self._logs:
             return
@@ -518,16 +539,28 @@ class XAIMonitor(Callback):
         values = torch.cat([t.to(acc) for t in parts]).tolist() if parts else []  # one transfer
         n = 0 if w_norm is None else len(self._weight_layers)
         self._log_epoch_end(step, values[:n], values[n:], acts)
-        if histograms:
-            self._log_histograms(trainer, epoch, step, acts)
+        if self._record is not None:
+            _record_losses(self._record, trainer, epoch, step)
+        if histograms or page:
+            started = time.perf_counter()
+            kinds = self._histogram_kinds(acts)
+            if page and self._record is not None:
+                self._record.add_histograms(epoch, step, kinds)
+            if histograms:
+                self._log_histograms(trainer, epoch, step, kinds, started)
         self._last_epoch = epoch
         self._flush_if_due()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """A last histogram snapshot when the last epoch (early stopping, say) had none."""
         epoch = self._last_epoch
-        if not self._logs or self._every(trainer) == 0 or epoch < 0 or epoch == self._histogram_logged_epoch:
+        if not self._logs or epoch < 0:
             return
+        images = self._every(trainer) != 0 and epoch != self._histogram_logged_epoch
+        page = self._record is not None and not self._record.has_snapshot(epoch)
+        if not (images or page):
+            return
+        started = time.perf_counter()
         # The final step's gradients: still in .grad without a validation loop (zero_grad
         # runs before a step), else the references kept at the epoch's last batch.
         grads = [(n, p.grad) for n, p in self._weight_layers if p.grad is not None] or self._last_grads
@@ -536,13 +569,19 @@ class XAIMonitor(Callback):
             self._grad_hist = ([n for n, _ in grads], _hist_rows([g for _, g in grads]))
         # Rank 0 alone: this forward feeds only the activation histogram, no collective.
         acts = self._activation_stats(trainer, pl_module, keep_outputs=True)
-        self._log_histograms(trainer, epoch, trainer.global_step, acts)
+        kinds = self._histogram_kinds(acts)
+        if page and self._record is not None:
+            self._record.add_histograms(epoch, trainer.global_step, kinds)
+        if images:
+            self._log_histograms(trainer, epoch, trainer.global_step, kinds, started)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write_page()
         self.flush()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # What was measured up to a crash (a NaN, say) is what the user needs most.
+        self._write_page()
         self.flush()
         self._close_writer()
 
@@ -573,6 +612,16 @@ class XAIMonitor(Callback):
             return False
         cost = self._snapshot_cost + (self._writer.image_seconds if self._writer is not None else 0.0)
         return time.perf_counter() - self._snapshot_done >= cost / HISTOGRAM_BUDGET
+
+    def _page_epoch(self, trainer: Trainer) -> bool:
+        """An epoch whose histogram counts the training page keeps (rank 0 alone)."""
+        if self._record is None:
+            return False
+        bounded = trainer.max_epochs is not None and trainer.max_epochs > 0
+        # Unbounded: every epoch at first; the record halves itself (and doubles its
+        # stride) past twice the page's cap, so a long fit keeps a bounded record.
+        every = _auto_every(trainer.max_epochs, PAGE_MAX_SNAPSHOTS) if bounded else self._record.stride
+        return trainer.current_epoch % every == 0
 
     @staticmethod
     def _reduce(trainer: Trainer, vec: Tensor, op: str) -> Tensor:
@@ -683,6 +732,8 @@ class XAIMonitor(Callback):
         if kind in self.alerts:
             return
         self.alerts[kind] = layer
+        if self._record is not None:
+            self._record.add_alert(kind, layer, step)
         self._tags.update(
             {
                 f"{_TAG_PREFIX}{kind}": "true",
@@ -701,6 +752,8 @@ class XAIMonitor(Callback):
     def _emit(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
+        if self._record is not None:
+            self._record.add_metrics(step, values)
         now = int(time.time() * 1000)
         self._buffer.extend(Metric(k, v, now, step) for k, v in values.items())
         if self._flush_soon:
@@ -756,9 +809,22 @@ class XAIMonitor(Callback):
             self._warn_failure()
             self._writer = None
 
-    def _log_histograms(self, trainer: Trainer, epoch: int, step: int, acts: _ActStats | None) -> None:
-        started = time.perf_counter()
-        self._histogram_logged_epoch = epoch
+    def _write_page(self) -> None:
+        """Hand ``xai/training.html`` to the writer, once per fit."""
+        record, writer = self._record, self._writer
+        if record is None or writer is None or writer.error is not None:
+            return
+        self._record = None  # written once, and the next fit starts a new record
+        try:
+            html = render_training_page(record)
+        except Exception as e:  # noqa: BLE001 - a page bug must not fail a finished fit
+            warnings.warn(f"XAIMonitor could not build xai/training.html: {type(e).__name__}: {e}",
+                          XAIMonitorWarning, stacklevel=2)
+            return
+        writer.submit(functools.partial(writer.client.log_text, writer.run_id, html, TRAINING_PAGE_PATH))
+
+    def _histogram_kinds(self, acts: _ActStats | None) -> dict[str, tuple[list[str], np.ndarray]]:
+        """This snapshot's histogram rows per kind; the epoch's gradient rows are used up."""
         kinds: dict[str, tuple[list[str], np.ndarray]] = {}
         if self._weight_layers:
             kinds["weights"] = (
@@ -770,6 +836,11 @@ class XAIMonitor(Callback):
         if acts is not None and acts.hist is not None:
             kinds["activations"] = (acts.hist_names, acts.hist)
         self._grad_hist = None
+        return kinds
+
+    def _log_histograms(self, trainer: Trainer, epoch: int, step: int,
+                        kinds: Mapping[str, tuple[list[str], np.ndarray]], started: float) -> None:
+        self._histogram_logged_epoch = epoch
         if self.tensorboard:
             _tensorboard_histograms(trainer, kinds, step)
         writer = self._writer
@@ -868,16 +939,23 @@ def answer_cut_off(error: BaseException) -> bool:
     return False
 
 
-def _auto_every(max_epochs: int | None) -> int:
-    """Epochs between histogram snapshots for about :data:`HISTOGRAM_SNAPSHOTS` per fit.
+def _auto_every(max_epochs: int | None, snapshots: int = HISTOGRAM_SNAPSHOTS) -> int:
+    """Epochs between histogram snapshots for about ``snapshots`` per fit.
 
     Example:
-        >>> _auto_every(30), _auto_every(5), _auto_every(512), _auto_every(-1)
-        (3, 1, 52, 10)
+        >>> _auto_every(30), _auto_every(5), _auto_every(512), _auto_every(-1), _auto_every(512, 100)
+        (3, 1, 52, 10, 6)
     """
     if max_epochs is None or max_epochs <= 0:  # unbounded: stopped by steps, time or a callback
-        return HISTOGRAM_SNAPSHOTS
-    return max(1, math.ceil(max_epochs / HISTOGRAM_SNAPSHOTS))
+        return snapshots
+    return max(1, math.ceil(max_epochs / snapshots))
+
+
+def _record_losses(record: TrainingRecord, trainer: Trainer, epoch: int, step: int) -> None:
+    """The epoch's scalar losses Lightning holds (``train_loss``, ``val_loss``, ...)."""
+    for name, value in trainer.callback_metrics.items():
+        if "loss" in name and isinstance(value, Tensor) and value.numel() == 1:
+            record.add_loss(name, epoch, step, float(value))
 
 
 def _is_activation(module: nn.Module) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -97,6 +98,12 @@ def test_explain_by_alias_logs_every_artifact_and_tags_the_version(trained: dict
     for s in srcs[:3]:
         base64.b64decode(s.split(",", 1)[1], validate=True)
     assert "Feature attributions" in html and "bmi" in html
+    # Each weight and gradient heatmap carries its numbers for the zoom view (20x10: as is).
+    heats = {d["path"]: d for d in map(json.loads, re.findall(r'class="heat-data">(.*?)</script>', html))}
+    assert {"xai/weights/layers.0.png", "xai/gradients/layers.0.png"} <= {f"xai/{p}" for p in heats}
+    w0 = heats["weights/layers.0.png"]
+    assert (w0["rows"], w0["cols"], w0["shape"], w0["block"]) == (20, 10, [20, 10], [1, 1])
+    assert np.isfinite(np.frombuffer(base64.b64decode(w0["v"]), dtype="<f4")).all()
 
     for key in ("nan_count", "dead_unit_share", "max_grad_norm"):
         assert key in run.data.metrics

@@ -82,7 +82,10 @@ def test_report_is_self_contained(html: str) -> None:
     assert sources and all(src.startswith("data:image/") for src in sources)
     lowered = html.lower()
     assert "<link" not in lowered
-    assert "<script" not in lowered
+    # Scripts are inline (the sandboxed frame runs them) and request nothing.
+    assert re.findall(r"<script[^>]*>", lowered) == ["<script>"]
+    for call in ("fetch(", "xmlhttprequest", "websocket", "sendbeacon", "http://", "https://", "import("):
+        assert call not in lowered, call
     assert "href=" not in lowered
     assert "url(" not in lowered
 
@@ -114,8 +117,8 @@ def test_report_header_shows_source_and_diagnostics(html: str) -> None:
 def test_report_layer_table_marks_problems(html: str) -> None:
     assert "4\u00d73" in html  # weight shape
     assert "exploding" in html
-    assert '<td class="bad">2</td>' in html  # NaN count of layers.0
-    assert '<td class="warn">75.0%</td>' in html  # dead share of layers.1
+    assert '<td class="bad" data-v="2.0">2</td>' in html  # NaN count of layers.0
+    assert '<td class="warn" data-v="0.75">75.0%</td>' in html  # dead share of layers.1
 
 
 def test_report_sections_in_order_with_distributions_first(html: str) -> None:
@@ -144,10 +147,10 @@ def test_report_uses_captions() -> None:
 def test_report_dead_share_threshold_comes_from_the_summary() -> None:
     layers = {"relu": {"module_type": "ReLU", "activation": {"dead_share": 0.3}}}
     default = render_report({"layers": layers}, {}, title="t")
-    assert '<td class="warn">30.0%</td>' not in default
+    assert '<td class="warn" data-v="0.3">30.0%</td>' not in default
     diagnostics = {"thresholds": {"dead_share_flag": 0.2}}
     strict = render_report({"layers": layers, "diagnostics": diagnostics}, {}, title="t")
-    assert '<td class="warn">30.0%</td>' in strict
+    assert '<td class="warn" data-v="0.3">30.0%</td>' in strict
 
 
 def test_report_survives_missing_and_none_values() -> None:
@@ -164,3 +167,31 @@ def test_report_survives_missing_and_none_values() -> None:
 def test_report_rejects_non_image_paths() -> None:
     with pytest.raises(ValueError, match="architecture.dot"):
         render_report({}, {"architecture.dot": b"digraph {}"}, title="t")
+
+
+def test_heatmap_matrix_is_embedded_beside_its_image_and_decodes() -> None:
+    import json
+
+    import numpy as np
+
+    from mlflow_xai.reports.explain import HEATMAP_MAX_SIDE, HeatmapMatrix
+
+    m = np.array([[-1.5, 0.25, np.nan], [2.0, 0.0, 1e-4]])
+    page = render_report({}, {"weights/layers.0.png": PNG},
+                         matrices={"weights/layers.0.png": HeatmapMatrix(m, (1, 1), (2, 3))})
+    img = page.index('alt="weights/layers.0.png"')
+    zoom = page.index('<div class="zoom" hidden>')
+    assert img < zoom  # the picture first: with scripts off it is all a reader sees
+    data = json.loads(re.search(r'class="heat-data">(.*?)</script>', page).group(1))
+    assert (data["rows"], data["cols"], data["shape"]) == (2, 3, [2, 3])
+    decoded = np.frombuffer(base64.b64decode(data["v"]), dtype="<f4").reshape(2, 3)
+    assert np.array_equal(decoded, m.astype(np.float32), equal_nan=True)
+    too_big = np.zeros((HEATMAP_MAX_SIDE + 1, HEATMAP_MAX_SIDE))
+    with pytest.raises(ValueError, match="block_mean_matrix"):
+        render_report({}, {"weights/x.png": PNG}, matrices={"weights/x.png": HeatmapMatrix(too_big)})
+
+
+def test_layer_table_cells_carry_the_numbers_they_sort_by(html: str) -> None:
+    heads = re.findall(r'<th[^>]*data-col="(\d+)"', html)
+    assert heads[:2] == ["0", "1"] and len(heads) == 17  # layer, type and every statistic
+    assert 'data-v="12.0">4\u00d73' in html  # a shape sorts by its size

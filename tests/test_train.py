@@ -48,6 +48,7 @@ def test_train_logs_params_metrics_checkpoints_model_and_alias(store: str, tiny_
     arts = _artifacts(client, out.run_id)
     assert {"config.json", "checkpoints/last.ckpt", "checkpoints/best.ckpt"} <= arts
     assert any(a.startswith("tensorboard/events.out.tfevents") for a in arts)
+    assert not any(a.startswith("xai/") for a in arts)  # monitor=False: no training page either
 
     local = Path(mlflow.artifacts.download_artifacts(run_id=out.run_id, artifact_path="checkpoints/last.ckpt"))
     assert run.data.tags["mlflow_xai.checkpoint_sha256"] == sha256_file(local)

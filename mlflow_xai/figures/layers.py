@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BAD_COLOR",
     "HasHistogram",
+    "block_mean_matrix",
     "distribution_grid",
     "figure_to_png",
     "heatmap",
@@ -323,6 +324,28 @@ def _colorbar(fig: Figure, ax: Axes, image: AxesImage, *, label: str) -> None:
     colorbar.formatter = formatter
     # Right-aligned by default, the power overhangs the bar's left edge over the image.
     cax.yaxis.get_offset_text().set(x=0.0, horizontalalignment="left")
+
+
+def block_mean_matrix(values: np.ndarray, max_pixels: int = MAX_PIXELS, *,
+                      absolute: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
+    """The matrix :func:`heatmap` draws, reduced to at most ``max_pixels`` cells.
+
+    The same view (``dim0 x rest``) and block means over finite values (NaN where a
+    block has none) as the figure, so a page can embed numbers that match its picture.
+
+    Returns:
+        The reduced matrix and the block shape ``(rows, cols)`` each cell averages.
+
+    Example:
+        >>> m, block = block_mean_matrix(np.arange(16.0).reshape(4, 4), max_pixels=4)
+        >>> m.tolist(), block
+        ([[2.5, 4.5], [10.5, 12.5]], (2, 2))
+    """
+    matrix = _as_matrix(np.asarray(values))
+    if matrix.size == 0:
+        return matrix.astype(np.float64), (1, 1)
+    block = _block_shape(*matrix.shape, max_pixels)
+    return _block_mean(matrix, block, absolute=absolute)[0], block
 
 
 def _as_matrix(array: np.ndarray) -> np.ndarray:

@@ -363,10 +363,10 @@ def _explain_in_run(run: Any, source: tracking.Source, tmp: Path, opts: ExplainO
     import torch  # noqa: F401 - the stages below need it loaded
 
     from mlflow_xai.figures.diagram import architecture_dot, render_all
-    from mlflow_xai.figures.layers import distribution_grid, heatmap, mean_activation_map
+    from mlflow_xai.figures.layers import block_mean_matrix, distribution_grid, heatmap, mean_activation_map
     from mlflow_xai.inspect import explain, summary_dict
     from mlflow_xai.inspect.summary import json_safe
-    from mlflow_xai.reports.explain import render_report
+    from mlflow_xai.reports.explain import HEATMAP_MAX_SIDE, HeatmapMatrix, render_report
 
     dev = resolve_device(opts.device)
     absolute, methods = opts.absolute, opts.methods
@@ -384,18 +384,25 @@ def _explain_in_run(run: Any, source: tracking.Source, tmp: Path, opts: ExplainO
     for kind in ("weights", "activations", "gradients"):
         (out / kind).mkdir(parents=True, exist_ok=True)
     images: dict[str, bytes | Future[bytes]] = {}
+    matrices: dict[str, HeatmapMatrix] = {}  # the numbers behind each heatmap, for the report's zoom
+
+    def numbers(values: Any) -> HeatmapMatrix:
+        reduced, block = block_mean_matrix(values, HEATMAP_MAX_SIDE**2, absolute=absolute)
+        return HeatmapMatrix(reduced, block, tuple(values.shape))
 
     say("4/7 drawing the figures")
     # Drawn on the painter's thread while the stages below compute; collected before the report.
     images["weights/distributions.png"] = paint(lambda: distribution_grid("Weights", expl.weights))
     for name, lw in expl.weights.items():
         images[f"weights/{name}.png"] = paint(lambda n=name, v=lw.values: heatmap(f"{n} weight", v, absolute=absolute))
+        matrices[f"weights/{name}.png"] = numbers(lw.values)
     images["activations/distributions.png"] = paint(lambda: distribution_grid("Activations", expl.activations))
     images["activations/mean_activations.png"] = paint(lambda: mean_activation_map(expl.activations))
     images["gradients/distributions.png"] = paint(lambda: distribution_grid("Gradients", expl.gradients))
     for name, lg in expl.gradients.items():
         images[f"gradients/{name}.png"] = paint(
             lambda n=name, v=lg.values: heatmap(f"{n} weight gradient", v, absolute=absolute))
+        matrices[f"gradients/{name}.png"] = numbers(lg.values)
 
     say("5/7 drawing the architecture")
     warnings: list[str] = list(subject.warnings)
@@ -432,7 +439,7 @@ def _explain_in_run(run: Any, source: tracking.Source, tmp: Path, opts: ExplainO
     summary["warnings"] = warnings
     (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False), encoding="utf-8")
     title = f"mlflow-xai: {source.model_uri}"
-    (out / "report.html").write_text(render_report(summary, images, title=title), encoding="utf-8")
+    (out / "report.html").write_text(render_report(summary, images, title=title, matrices=matrices), encoding="utf-8")
     tracking.log_artifacts(out, "xai")
     diag = summary["diagnostics"]
     headline = {"nan_count": diag["nan_count"], "inf_count": diag["inf_count"]}

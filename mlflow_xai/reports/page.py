@@ -3,19 +3,22 @@ the formatting and escaping of values.
 
 The MLflow UI shows HTML artifacts in a sandboxed frame where relative links do not
 resolve and no stylesheet loads, so a page carries its style inline and its images
-as ``data:`` URIs. Every value from a summary is escaped before it is written.
+as ``data:`` URIs; a page with a script carries it inline too (the frame runs
+scripts but allows no request). Every value from a summary is escaped before it is written.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import math
 import numbers
 from html import escape
 from pathlib import PurePosixPath
 from typing import Any
 
-__all__ = ["CSS", "DASH", "MIME_TYPES", "figure", "is_number", "number", "page_head", "percent", "shape", "text"]
+__all__ = ["CSS", "DASH", "MIME_TYPES", "figure", "is_number", "number", "page_head", "percent", "script_json",
+           "shape", "text"]
 
 MIME_TYPES = {
     ".png": "image/png",
@@ -59,13 +62,21 @@ figcaption { color: #555; font-size: .85rem; }
 """
 
 
-def page_head(title: str) -> list[str]:
-    """The opening of a self-contained page: doctype, the shared style, the title heading."""
+def page_head(title: str, *, css: str = "", script: str = "") -> list[str]:
+    """The opening of a self-contained page: doctype, the shared style, the title heading.
+
+    Args:
+        title: Page title and heading (escaped here).
+        css: Style a page adds to :data:`CSS`, inline like it.
+        script: A script for the head, inline (the sandboxed frame loads no file); it
+            runs before the body exists, so it should wait for ``DOMContentLoaded``.
+    """
+    head_script = f"<script>{script}</script>" if script else ""
     return [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{escape(title)}</title>",
-        f"<style>{CSS}</style></head><body>",
+        f"<style>{CSS}{css}</style>{head_script}</head><body>",
         f"<h1>{escape(title)}</h1>",
     ]
 
@@ -78,6 +89,21 @@ def figure(path: str, data: bytes, caption: str | None) -> str:
         f'<figure><img src="data:{mime};base64,{encoded}" alt="{escape(path)}">'
         f"<figcaption>{text}<code>{escape(path)}</code></figcaption></figure>"
     )
+
+
+def script_json(data: Any) -> str:
+    """``data`` as JSON safe inside a ``<script type="application/json">`` element.
+
+    ``<``, ``>`` and ``&`` are written as ``\\u003c`` ..., so no string (a layer name such
+    as ``</script><script>...``) can end the element or open a comment; ``JSON.parse``
+    reads them back unchanged. NaN and Inf are refused (JSON has neither): pass None.
+
+    Example:
+        >>> script_json({"name": "</script>"})
+        '{"name":"\\\\u003c/script\\\\u003e"}'
+    """
+    return (json.dumps(data, allow_nan=False, separators=(",", ":"))
+            .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
 
 
 def is_number(value: Any) -> bool:
