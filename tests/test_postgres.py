@@ -75,7 +75,7 @@ def workflow(postgres_mlflow_server: MlflowServer, tmp_path_factory: pytest.Temp
         )
         out = {"root": root, "trials": trials}
         out["train1_out"] = _cli(["train", "--quiet", "--config", str(cfg), "--experiment", "team",
-                                  "--register-as", NAME, "--alias", "champion"])
+                                  "--register-as", NAME, "--alias", "champion", "--no-monitor"])
         out["train2_out"] = _cli(["train", "--quiet", "--config-from-experiment", "tune", "--metric", "val_loss",
                                   "--mode", "min", "--experiment", "team", "--register-as", NAME,
                                   "--alias", "challenger", "--no-monitor"])
@@ -161,6 +161,13 @@ def test_the_searches_on_postgres(postgres_mlflow_server: MlflowServer, workflow
     assert tracking.latest_version(NAME, workflow["train1"]) == "1"
     by_alias = tracking.resolve_source(None, f"models:/{NAME}@challenger", None)
     assert (by_alias.run_id, by_alias.version, by_alias.registered_name) == (workflow["train2"], "2", NAME)
+    # A run that is not ours: its logged model is found by source run id (search_logged_models; the
+    # lookup reads no file, so a logged model record without weights is enough here).
+    mlflow.set_experiment("own-models")
+    with mlflow.start_run() as own:
+        info = mlflow.initialize_logged_model(name="model", source_run_id=own.info.run_id)
+    found = tracking.resolve_source(own.info.run_id, None, None)
+    assert (found.kind, found.run_id, found.artifact_uri) == ("model", own.info.run_id, f"models:/{info.model_id}")
 
 
 def test_explain_of_the_latest_run_and_of_an_alias_tags_the_version(
