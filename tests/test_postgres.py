@@ -159,6 +159,10 @@ def test_the_searches_on_postgres(postgres_mlflow_server: MlflowServer, workflow
     latest = tracking.resolve_source(None, None, "team")
     assert latest.run_id == workflow["train2"]
     assert tracking.latest_version(NAME, workflow["train1"]) == "1"
+    client = MlflowClient(postgres_mlflow_server.uri)
+    client.create_registered_model("team's net")  # a quote in the name: no filter string can hold it
+    client.create_model_version("team's net", f"runs:/{workflow['train2']}/model", run_id=workflow["train2"])
+    assert tracking.latest_version("team's net", workflow["train2"]) == "1"
     by_alias = tracking.resolve_source(None, f"models:/{NAME}@challenger", None)
     assert (by_alias.run_id, by_alias.version, by_alias.registered_name) == (workflow["train2"], "2", NAME)
     # A run that is not ours: its logged model is found by source run id (search_logged_models; the
