@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,8 +124,11 @@ def main() -> None:
                          + [("train", train)] * N_TRAINS + [("compare", jobs["compare"])])
                 t0 = time.perf_counter()
                 procs = [(kind, *start(cmd, env, root)) for kind, cmd in batch]
-                for kind, started, proc in procs:
-                    seconds, rid = finish(kind, started, proc)
+                # One thread per process, so each one's time ends at its own exit, not when
+                # the processes before it in the list were waited for.
+                with ThreadPoolExecutor(len(procs)) as pool:
+                    done = list(pool.map(lambda p: (p[0], *finish(*p)), procs))
+                for kind, seconds, rid in done:
                     loaded[kind].append(seconds)
                     ids.append(rid)
                 wall.append(time.perf_counter() - t0)
