@@ -128,10 +128,16 @@ def use_server(monkeypatch: pytest.MonkeyPatch, uri: str, root: Path) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_XAI_WORKDIR", str(root / "work"))
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
-        monkeypatch.delenv(var, raising=False)
+        # Set, then deleted: monkeypatch records the variable, so teardown also removes
+        # one that mlflow.set_experiment sets meanwhile (MLFLOW_EXPERIMENT_ID).
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     monkeypatch.chdir(root)
     # What mlflow.set_tracking_uri sets, restored at teardown.
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", uri)
+    # The experiment mlflow.set_experiment makes active (the jobs call it): none at first, and
+    # restored at teardown, so an id of this server never reaches a later test's store.
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
 
 
 def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:

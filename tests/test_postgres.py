@@ -167,8 +167,7 @@ def test_the_searches_on_postgres(postgres_mlflow_server: MlflowServer, workflow
     assert (by_alias.run_id, by_alias.version, by_alias.registered_name) == (workflow["train2"], "2", NAME)
     # A run that is not ours: its logged model is found by source run id (search_logged_models; the
     # lookup reads no file, so a logged model record without weights is enough here).
-    mlflow.set_experiment("own-models")
-    with mlflow.start_run() as own:
+    with mlflow.start_run(experiment_id=MlflowClient().create_experiment("own-models")) as own:
         info = mlflow.initialize_logged_model(name="model", source_run_id=own.info.run_id)
     found = tracking.resolve_source(own.info.run_id, None, None)
     assert (found.kind, found.run_id, found.artifact_uri) == ("model", own.info.run_id, f"models:/{info.model_id}")

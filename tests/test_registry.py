@@ -161,9 +161,10 @@ def test_conflicting_config_options_are_refused_before_any_run(reg: dict[str, An
 def test_latest_version_of_a_name_with_a_quote(store: str) -> None:
     """A registered name may hold a quote, which MLflow's filter strings cannot escape."""
     client = MlflowClient()
-    with mlflow.start_run() as run:
+    exp = client.create_experiment("quotes")
+    with mlflow.start_run(experiment_id=exp) as run:
         pass
-    with mlflow.start_run() as other:
+    with mlflow.start_run(experiment_id=exp) as other:
         pass
     for name in ("team's net", "team net"):
         client.create_registered_model(name)
