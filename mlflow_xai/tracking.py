@@ -412,9 +412,14 @@ def set_alias(name: str, alias: str, version: str | int) -> None:
 
 
 def latest_version(name: str, run_id: str) -> str:
-    """The registered version of ``name`` produced by ``run_id`` (the newest one)."""
+    """The registered version of ``name`` produced by ``run_id`` (the newest one).
+
+    The search filters by run id only and the name is compared here: MLflow's filter
+    syntax has no escape for a quote inside a quoted value (``\\'`` and ``''`` match
+    nothing), and a registered model's name may hold one (``team's net``).
+    """
     client = MlflowClient()
-    versions = client.search_model_versions(f"name='{_q(name)}' and run_id='{_q(run_id)}'")
+    versions = [v for v in client.search_model_versions(f"run_id='{_q(run_id)}'") if v.name == name]
     if not versions:
         raise XAIError(f"no version of registered model {name!r} comes from run {run_id}")
     return str(max(int(v.version) for v in versions))

@@ -61,6 +61,9 @@ def env_for(uri: str, workdir: Path) -> dict[str, str]:
 # A real `mlflow server` (session-scoped) and one CLI train + explain against it: tests/mlflow_server.py.
 from tests.mlflow_server import mlflow_server, served  # noqa: E402, F401
 
+# A team's server: PostgreSQL backend store, proxied artifacts (session-scoped): tests/postgres.py.
+from tests.postgres import postgres_mlflow_server  # noqa: E402, F401
+
 # A tuning study and two registered versions trained from it: tests/registry_study.py.
 from tests.registry_study import registry_study  # noqa: E402, F401
 
@@ -68,7 +71,8 @@ from tests.registry_study import registry_study  # noqa: E402, F401
 # session fixture above costs tens of seconds (a server, CLI trainings), so all the tests
 # that need one share a worker; every other file stays whole on one worker, so its
 # module-scoped fixtures are built once.
-_SHARED_FIXTURE_GROUPS = {"mlflow_server": "server", "served": "server", "registry_study": "registry"}
+_SHARED_FIXTURE_GROUPS = {"mlflow_server": "server", "served": "server", "registry_study": "registry",
+                          "postgres_mlflow_server": "postgres"}
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:

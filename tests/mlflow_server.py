@@ -1,10 +1,12 @@
 """A real ``mlflow server`` process for the tests that need the HTTP path.
 
 ``MlflowServer`` starts ``.venv/bin/mlflow server`` on 127.0.0.1 and a free port,
-with a sqlite backend and a local artifact destination (artifacts are proxied over
-HTTP, as on a team server), waits for ``/health`` and stops the whole process group
-(the server and its uvicorn worker) when done: SIGTERM, then SIGKILL. The fixtures
-are imported by ``conftest.py``.
+with a backend store (sqlite in its folder unless ``store_uri`` names another, such as
+PostgreSQL: tests/postgres.py) and an artifact destination (a local folder unless
+``artifacts_destination`` names another, such as ``s3://bucket/path``; artifacts are
+proxied over HTTP, as on a team server), waits for ``/health`` and stops the whole
+process group (the server and its uvicorn workers) when done: SIGTERM, then SIGKILL.
+The fixtures are imported by ``conftest.py``.
 """
 
 from __future__ import annotations
@@ -33,21 +35,28 @@ def free_port() -> int:
 class MlflowServer:
     """One ``mlflow server``; ``stop()`` and ``start()`` again keep its store, port and URI."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, store_uri: str | None = None,
+                 artifacts_destination: str | None = None, workers: int = 1,
+                 env: dict[str, str] | None = None) -> None:
         self.root = root
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.db = root / "server.db"
+        self.store_uri = store_uri or f"sqlite:///{self.db}"
         self.artifacts = root / "artifacts"
+        self.artifacts_destination = artifacts_destination or str(self.artifacts)
+        self.workers = workers
+        self.env = dict(env or {})  # extra variables for the server (e.g. MLFLOW_S3_ENDPOINT_URL)
         self.log = root / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 90.0) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job runner: lighter and faster to start
-        cmd = [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{self.db}",
-               "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1",
-               "--port", str(self.port), "--workers", "1"]
+        env.update(self.env)
+        cmd = [str(MLFLOW), "server", "--backend-store-uri", self.store_uri,
+               "--artifacts-destination", self.artifacts_destination, "--host", "127.0.0.1",
+               "--port", str(self.port), "--workers", str(self.workers)]
         with open(self.log, "ab") as log:
             # Own process group: stop() ends the server and the uvicorn worker it spawns, nothing else.
             self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -119,10 +128,16 @@ def use_server(monkeypatch: pytest.MonkeyPatch, uri: str, root: Path) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_XAI_WORKDIR", str(root / "work"))
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
-        monkeypatch.delenv(var, raising=False)
+        # Set, then deleted: monkeypatch records the variable, so teardown also removes
+        # one that mlflow.set_experiment sets meanwhile (MLFLOW_EXPERIMENT_ID).
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     monkeypatch.chdir(root)
     # What mlflow.set_tracking_uri sets, restored at teardown.
     monkeypatch.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", uri)
+    # The experiment mlflow.set_experiment makes active (the jobs call it): none at first, and
+    # restored at teardown, so an id of this server never reaches a later test's store.
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
 
 
 def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -157,3 +157,23 @@ def test_conflicting_config_options_are_refused_before_any_run(reg: dict[str, An
     after = len(MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()]))
     assert after == before
 
+
+def test_latest_version_of_a_name_with_a_quote(store: str) -> None:
+    """A registered name may hold a quote, which MLflow's filter strings cannot escape."""
+    client = MlflowClient()
+    exp = client.create_experiment("quotes")
+    with mlflow.start_run(experiment_id=exp) as run:
+        pass
+    with mlflow.start_run(experiment_id=exp) as other:
+        pass
+    for name in ("team's net", "team net"):
+        client.create_registered_model(name)
+    client.create_model_version("team's net", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    client.create_model_version("team's net", f"runs:/{other.info.run_id}/model", run_id=other.info.run_id)
+    client.create_model_version("team's net", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    client.create_model_version("team net", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    assert tracking.latest_version("team's net", run.info.run_id) == "3"
+    assert tracking.latest_version("team's net", other.info.run_id) == "2"
+    assert tracking.latest_version("team net", run.info.run_id) == "1"
+    with pytest.raises(XAIError, match="no version of registered model"):
+        tracking.latest_version("team net", other.info.run_id)
