@@ -529,6 +529,34 @@ def test_conductance_figure_means_per_unit() -> None:
     np.testing.assert_allclose(heights, [2.0, -1.0, 0.25])
 
 
+def test_wide_layers_drawn_as_one_line_collection() -> None:
+    from matplotlib.collections import LineCollection
+
+    from mlflow_xai.figures.attributions import MAX_WIDTH, WIDE_UNITS
+
+    n = 4 * WIDE_UNITS
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(3, n))
+    fig = conductance_figure("layers.1", values)
+    ax = fig.axes[0]
+    assert len(ax.patches) == 0
+    (lines,) = [c for c in ax.collections if isinstance(c, LineCollection)]
+    segs = lines.get_segments()
+    assert len(segs) == n
+    # each unit's line runs from 0 to its mean conductance, coloured by sign
+    np.testing.assert_allclose([s[1][1] for s in segs], values.mean(0))
+    assert len({tuple(c) for c in lines.get_colors()}) == 2
+    assert fig.get_figwidth() == MAX_WIDTH
+    png = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(png)
+    assert png.getvalue()[:4] == b"\x89PNG"
+    fig = weights_vs_conductance("layers.12", rng.normal(size=n), values)
+    bars = fig.axes[0]
+    assert len(bars.patches) == 0 and len(bars.collections) == 2
+    assert [len(c.get_segments()) for c in bars.collections] == [n, n]
+    assert [t.get_text() for t in bars.get_legend().get_texts()] == ["weight (scaled)", "conductance (scaled)"]
+
+
 def test_weights_vs_conductance() -> None:
     w = np.array([[0.5, -2.0, 1.0]])  # a (1, units) weight matrix is accepted
     c = np.array([[0.1, -0.4, 0.2], [0.3, -0.8, 0.2]])
