@@ -83,6 +83,7 @@ def profile_compare(compare_cmd: list[str], env: dict[str, str], tmp: Path, time
                     if re.search(pattern, f"{k[0]}:{k[2]}"))
         print(f"  {label:<60} {total:>7.2f}")
     stats.sort_stats("tottime").print_stats(12)
+    stats.sort_stats("cumulative").print_stats(r"mlflow_xai/(jobs|inspect|figures|tracking|sources|checkpoint)", 25)
 
 
 # (label, regex on "file:function") for the compare profile; cumulative seconds.
@@ -110,6 +111,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=540, help="seconds per child process")
     parser.add_argument("--profile", action="store_true",
                         help="also run compare once under cProfile and print where its time goes")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary store (prints its path)")
     args = parser.parse_args()
 
     import mlflow
@@ -176,9 +178,12 @@ def main() -> None:
         if args.profile:
             profile_compare(compare_cmd, env, tmp, args.timeout)
     finally:
-        import shutil
+        if args.keep:
+            print(f"kept {tmp} (MLFLOW_TRACKING_URI=sqlite:///{tmp / 'mlflow.db'})")
+        else:
+            import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,10 @@ import torch
 from mlflow_xai.errors import XAIError
 from mlflow_xai.inspect.results import Histogram, TensorStats
 
-__all__ = ["tensor_stats", "histogram", "stats_and_histogram"]
+__all__ = ["tensor_stats", "histogram", "stats_and_histogram", "one_thread"]
 
 # CPU: 128K values = 1 MB as float64, cache-resident across the reductions run on it.
-# The passes run on one intra-op thread (see _one_thread), where small chunks are the
+# The passes run on one intra-op thread (see one_thread), where small chunks are the
 # fastest; with several threads they collapsed whenever other processes took a core.
 _CHUNK = 1 << 17
 # GPU: 16M values = 128 MB; each chunk costs kernel launches and host syncs, so fewer
@@ -45,10 +45,10 @@ _NAN = float("nan")
 
 
 @contextlib.contextmanager
-def _one_thread(t: torch.Tensor) -> Iterator[None]:
-    """Run the CPU passes on one torch intra-op thread; the thread count is restored after.
+def one_thread(t: torch.Tensor) -> Iterator[None]:
+    """Run the CPU passes over ``t`` on one torch intra-op thread; the thread count is restored after.
 
-    Each pass is a handful of memory-bound operations on one small chunk: a second
+    For statistics: each pass is a handful of memory-bound operations on one small chunk: a second
     thread adds little bandwidth but a barrier per operation, and when another process
     holds a core that barrier waits for a descheduled thread, several times over the
     whole single-thread cost. Accelerator tensors are left alone.
@@ -249,7 +249,7 @@ def tensor_stats(t: torch.Tensor, near_zero_eps: float = 1e-6) -> TensorStats:
         >>> s.mean, s.std, s.nan_count
         (0.0, 1.0, 1)
     """
-    with _one_thread(t):
+    with one_thread(t):
         return _stats_from(_moments(_Scratch(t), t.numel(), near_zero_eps))
 
 
@@ -273,7 +273,7 @@ def histogram(t: torch.Tensor, bins: int = 50) -> Histogram:
         ([1, 2], [0.0, 0.5, 1.0])
     """
     _check_bins(bins)
-    with _one_thread(t):
+    with one_thread(t):
         scratch = _Scratch(t)
         acc = _moments(scratch, t.numel(), 0.0)
         return _histogram(scratch, bins, acc.lo, acc.hi, acc.finite == acc.numel)
@@ -290,7 +290,7 @@ def stats_and_histogram(
         (3.0, [1, 1, 1, 1])
     """
     _check_bins(bins)
-    with _one_thread(t):
+    with one_thread(t):
         scratch = _Scratch(t)
         acc = _moments(scratch, t.numel(), near_zero_eps)
         return _stats_from(acc), _histogram(scratch, bins, acc.lo, acc.hi, acc.finite == acc.numel)
