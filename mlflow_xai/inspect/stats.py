@@ -51,7 +51,9 @@ def one_thread(t: torch.Tensor) -> Iterator[None]:
     For statistics: each pass is a handful of memory-bound operations on one small chunk: a second
     thread adds little bandwidth but a barrier per operation, and when another process
     holds a core that barrier waits for a descheduled thread, several times over the
-    whole single-thread cost. Accelerator tensors are left alone.
+    whole single-thread cost. Accelerator tensors are left alone. The thread count is
+    process-wide: torch work running at the same time in another Python thread runs on
+    one thread too until the block ends.
     """
     threads = torch.get_num_threads()
     if t.device.type != "cpu" or threads == 1:
