@@ -213,6 +213,22 @@ def _common_histograms(a: torch.Tensor, b: torch.Tensor, stats_a: TensorStats, s
     return Histogram(counts(a), edges), Histogram(counts(b), edges)
 
 
+def _max_abs_finite(diff: torch.Tensor, diff_l2: float) -> float:
+    """The largest finite ``|diff|``; NaN when no value is finite.
+
+    A finite L2 norm (accumulated in float64, where squares of float32 cannot overflow)
+    means every value is finite, and then the min/max pass gives the answer without an
+    ``abs`` copy of the whole difference.
+    """
+    if diff.numel() == 0:
+        return math.nan
+    if math.isfinite(diff_l2):
+        lo, hi = torch.aminmax(diff)
+        return max(-float(lo), float(hi))
+    finite = diff[torch.isfinite(diff)]
+    return float(finite.abs().max()) if finite.numel() else math.nan
+
+
 def _weighted(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules()
             if n and isinstance(getattr(m, "weight", None), torch.Tensor)}
@@ -259,8 +275,7 @@ def weight_drift(a: nn.Module, b: nn.Module, *, bins: int = 50) -> tuple[
             ba, bb = getattr(ma, "bias", None), getattr(mb, "bias", None)
             if isinstance(ba, torch.Tensor) and isinstance(bb, torch.Tensor) and ba.shape == bb.shape:
                 bias_rel = _relative(_l2(bb.to(ba.device) - ba), _l2(ba))
-            finite = diff[torch.isfinite(diff)] if not bool(torch.isfinite(diff).all()) else diff
-            max_abs = float(finite.abs().max()) if finite.numel() else math.nan
+            max_abs = _max_abs_finite(diff, diff_l2)
         drifts[name] = LayerDrift(
             name=name, module_type=type(ma).__name__, shape=tuple(wa.shape),
             relative_l2=_relative(diff_l2, sa.l2_norm) if math.isfinite(diff_l2) else math.nan,
