@@ -759,7 +759,7 @@ def _path_conductance(p: _Prepared, taps: _LayerTaps, n_steps: int) -> dict[str,
             h = h.reshape(k, batch, *h.shape[1:])
             g = g.reshape(k, batch, *g.shape[1:])
             # captum: sum over points i < n of grad(i) * (h(i + 1) - h(i))
-            total = (g[:-1] * (h[1:] - h[:-1])).sum(dim=0) if k > 1 else torch.zeros_like(h[0])
+            total = (h[1:] - h[:-1]).mul_(g[:-1]).sum(dim=0) if k > 1 else torch.zeros_like(h[0])
             if name in prev:
                 g_prev, h_prev = prev[name]
                 total = total + g_prev * (h[0] - h_prev)
