@@ -1,13 +1,17 @@
-"""Time the four attribution methods against one forward+backward pass.
+"""Time the four attribution methods and the conductance of every hidden layer against one forward+backward pass.
 
 The network has the spotpython cookbook's shape for ``n`` inputs and width ``l1``:
 hidden sizes ``[2*l1*n, l1*n, 2*l1*n, l1*n, l1*n, ceil(l1/2)*n, ceil(l1/2)*n]``,
-ReLU after each, then ``Linear(.., 1)``; the batch has 177 rows, the size of the
-diabetes data's test part. The ratio column says how many forward+backward
-passes a method costs: IG and GradientShap should be near ``n_steps`` (50),
-DeepLift near 1-2, feature ablation near ``n_features`` forward-only passes.
+ReLU after each, then ``Linear(.., 1)``; the batch has 177 rows by default, the size
+of the diabetes data's test part (``explain`` of a train run uses one batch, 16).
+The ratio column says how many forward+backward passes a method costs: IG and
+GradientShap should be near ``n_steps`` (50), DeepLift near 1-2, feature ablation
+near ``n_features`` forward-only passes (so a few backward-free units), and the
+conductance of all seven hidden layers (``conductances``, one integration path of
+``n_steps + 1`` points) near 51, as one layer's would be.
 
-Run: ``.venv/bin/python benchmarks/bench_attributions.py [--repeats 5] [--threads N]``
+Run: ``.venv/bin/python benchmarks/bench_attributions.py [--sizes 16,64,256] [--rows 177]
+[--repeats 3] [--threads N]``
 """
 
 from __future__ import annotations
@@ -22,10 +26,9 @@ import torch
 from torch import nn
 
 from mlflow_xai.config import TunedConfig
-from mlflow_xai.inspect.attributions import METHODS, attribute
+from mlflow_xai.inspect.attributions import METHODS, attribute, conductances
 
 N_FEATURES = 10
-ROWS = 177
 
 
 def cookbook_mlp(l1: int, n: int = N_FEATURES) -> nn.Sequential:
@@ -68,30 +71,35 @@ def forward_backward(model: nn.Module, x: torch.Tensor) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sizes", default="16,64,256", help="cookbook l1 values (comma-separated)")
+    parser.add_argument("--rows", type=int, default=177, help="rows in the batch")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args()
+    rows = args.rows
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}; "
-        f"{ROWS} rows x {N_FEATURES} features, n_steps=50, best of {args.repeats}"
+        f"{rows} rows x {N_FEATURES} features, n_steps=50, best of {args.repeats}"
     )
-    header = f"{'l1':>4} {'params':>9} {'method':<22} {'time [s]':>9} {'fwd+bwd [s]':>12} {'ratio':>7}"
+    header = f"{'l1':>4} {'params':>11} {'method':<22} {'time [s]':>9} {'fwd+bwd [s]':>12} {'ratio':>7}"
     print(header)
     print("-" * len(header))
-    for l1 in (16, 64):
+    for l1 in [int(v) for v in args.sizes.split(",") if v.strip()]:
         model = cookbook_mlp(l1).eval()
-        x = torch.randn(ROWS, N_FEATURES)
+        x = torch.randn(rows, N_FEATURES)
         params = sum(p.numel() for p in model.parameters())
-        for method in METHODS:
-            t, fb = best_of_interleaved(
-                lambda: attribute(model, x, method, baselines="mean"),  # noqa: B023
-                lambda: forward_backward(model, x),  # noqa: B023
-                args.repeats,
-            )
-            print(f"{l1:>4} {params:>9,} {method:<22} {t:>9.4f} {fb:>12.5f} {t / fb:>7.1f}")
+        hidden = [name for name, m in model.named_modules() if isinstance(m, nn.ReLU)]
+        runs: dict[str, Callable[[], object]] = {
+            method: (lambda m=method: attribute(model, x, m, baselines="mean"))  # type: ignore[misc]  # noqa: B023
+            for method in METHODS
+        }
+        runs[f"conductance x{len(hidden)}"] = lambda: conductances(model, x, hidden, baselines="mean")  # noqa: B023
+        for label, run in runs.items():
+            t, fb = best_of_interleaved(run, lambda: forward_backward(model, x), args.repeats)  # noqa: B023
+            print(f"{l1:>4} {params:>11,} {label:<22} {t:>9.4f} {fb:>12.5f} {t / fb:>7.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ in a train-run-like run of a sqlite store in a temporary folder) and registered 
   pass of each network on the same N test rows: the least any comparison costs.
 
 Prints the medians and their ratio. Run:
-``.venv/bin/python benchmarks/bench_compare.py [--l1 256] [--rows 128] [--repeats 3]``
+``.venv/bin/python benchmarks/bench_compare.py [--l1 256] [--rows 128] [--repeats 3] [--profile]``
 """
 
 from __future__ import annotations
@@ -66,6 +66,40 @@ def floor_main(ckpt_a: str, ckpt_b: str, batch: str) -> None:
                       "check": float((outs[1] - outs[0]).abs().sum())}))
 
 
+def profile_compare(compare_cmd: list[str], env: dict[str, str], tmp: Path, timeout: float) -> None:
+    """cProfile one compare process; print the stages (cumulative) and the heaviest functions."""
+    import pstats
+    import re
+
+    prof = tmp / "compare.prof"
+    wall, rc, _, out = run_child([sys.executable, "-m", "cProfile", "-o", str(prof), *compare_cmd[1:]], env, timeout)
+    print(f"\nprofile of compare: {wall:.1f}s wall, rc={rc}")
+    if rc != 0:
+        print(out[-2000:])
+        return
+    stats = pstats.Stats(str(prof))
+    for label, pattern in PROFILE_STAGES:
+        total = sum(v[3] for k, v in stats.stats.items()  # type: ignore[attr-defined]
+                    if re.search(pattern, f"{k[0]}:{k[2]}"))
+        print(f"  {label:<60} {total:>7.2f}")
+    stats.sort_stats("tottime").print_stats(12)
+    stats.sort_stats("cumulative").print_stats(r"mlflow_xai/(jobs|inspect|figures|tracking|sources|checkpoint)", 25)
+
+
+# (label, regex on "file:function") for the compare profile; cumulative seconds.
+PROFILE_STAGES: list[tuple[str, str]] = [
+    ("whole command (cli.compare)", r"mlflow_xai/cli\.py:compare$"),
+    ("all imports (outermost _find_and_load)", r"<frozen importlib._bootstrap>:_find_and_load$"),
+    ("load both sides (download, sha256, load)", r"mlflow_xai/jobs/compare\.py:_load_side$"),
+    ("weight drift", r"mlflow_xai/inspect/compare\.py:weight_drift$"),
+    ("activation shift", r"mlflow_xai/inspect/compare\.py:compare_activations$"),
+    ("figures: heatmaps of B - A (build)", r"mlflow_xai/figures/layers\.py:heatmap$"),
+    ("figures: PNG encoding", r"mlflow_xai/figures/style\.py:figure_to_png$"),
+    ("report", r"mlflow_xai/reports/compare\.py:render_compare_report$"),
+    ("log the artifacts", r"mlflow_xai/tracking\.py:log_artifacts$"),
+]
+
+
 def main() -> None:
     if len(sys.argv) >= 2 and sys.argv[1] == "--_floor":
         floor_main(sys.argv[2], sys.argv[3], sys.argv[4])
@@ -75,6 +109,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=128, help="test rows for activations and predictions")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=540, help="seconds per child process")
+    parser.add_argument("--profile", action="store_true",
+                        help="also run compare once under cProfile and print where its time goes")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary store (prints its path)")
     args = parser.parse_args()
 
     import mlflow
@@ -138,10 +175,15 @@ def main() -> None:
         print(f"floor stages (median s): torch import {parts['import']:.2f}, load both {parts['load']:.2f}, "
               f"forward both {parts['forward']:.2f}")
         print(f"compare runs (s): {[round(w, 2) for w, _ in compares]}")
+        if args.profile:
+            profile_compare(compare_cmd, env, tmp, args.timeout)
     finally:
-        import shutil
+        if args.keep:
+            print(f"kept {tmp} (MLFLOW_TRACKING_URI=sqlite:///{tmp / 'mlflow.db'})")
+        else:
+            import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

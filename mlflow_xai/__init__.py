@@ -24,6 +24,7 @@ _EXPORTS = {
     "Explanation": "mlflow_xai.inspect",
     "attribute": "mlflow_xai.inspect.attributions",
     "conductance": "mlflow_xai.inspect.attributions",
+    "conductances": "mlflow_xai.inspect.attributions",
     "compare": "mlflow_xai.inspect.compare",
     "Comparison": "mlflow_xai.inspect.compare",
     "XAIMonitor": "mlflow_xai.monitor",

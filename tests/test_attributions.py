@@ -17,6 +17,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from torch import nn
 
+import mlflow_xai.inspect.attributions as attributions_module
 from mlflow_xai.errors import XAIError
 from mlflow_xai.figures.attributions import attribution_bar, conductance_figure, weights_vs_conductance
 from mlflow_xai.inspect.attributions import (
@@ -25,6 +26,7 @@ from mlflow_xai.inspect.attributions import (
     attribute_with_error,
     completeness_error,
     conductance,
+    conductances,
     rank_features,
 )
 
@@ -353,6 +355,127 @@ def test_conductance_mean_baseline_and_classifier_target() -> None:
     assert np.abs(cond.sum(1) - g).max() < 2e-1 * np.abs(g).mean()
 
 
+class BatchNormNet(nn.Module):
+    """Linear -> BatchNorm (eval: running statistics set by hand) -> ReLU -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.layers = nn.Sequential(nn.Linear(5, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, 6),
+                                    nn.Sigmoid(), nn.Linear(6, 1))
+        bn = self.layers[1]
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.randn(10, generator=gen) * 0.3)
+            bn.running_var.copy_(torch.rand(10, generator=gen) + 0.5)
+            bn.weight.copy_(torch.rand(10, generator=gen) + 0.5)
+            bn.bias.copy_(torch.randn(10, generator=gen) * 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def captum_conductance(net: nn.Module, x: torch.Tensor, layer: str, target: torch.Tensor,
+                       baseline: torch.Tensor, n_steps: int = 50) -> np.ndarray:
+    from captum.attr import LayerConductance
+
+    module = dict(net.named_modules())[layer]
+    net.eval()
+    values = LayerConductance(net, module).attribute(
+        x, baselines=baseline, target=target, n_steps=n_steps, method="riemann_trapezoid")
+    return values.detach().numpy()
+
+
+CONDUCTANCE_NETS = {
+    "relu": (lambda: MLP(nn.ReLU, sizes=(5, 16, 12, 8, 1)), ["layers.1", "layers.2", "layers.3", "layers.5"]),
+    "tanh": (lambda: MLP(nn.Tanh, sizes=(5, 16, 12, 1)), ["layers.0", "layers.1", "layers.3"]),
+    "batchnorm": (BatchNormNet, ["layers.0", "layers.1", "layers.2", "layers.4"]),
+    "classifier": (lambda: MLP(nn.Tanh, sizes=(4, 8, 6, 3), seed=5), ["layers.1", "layers.2", "layers.3"]),
+}
+
+
+@pytest.mark.parametrize("net_name", sorted(CONDUCTANCE_NETS))
+@pytest.mark.parametrize("baselines", [None, "mean"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_conductances_equal_captum(net_name: str, baselines: str | None, chunked: bool,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    make, layers = CONDUCTANCE_NETS[net_name]
+    net = make()
+    x = batch(24, 4, seed=6) if net_name == "classifier" else batch(24)
+    if chunked:  # a few path points per chunk: the chunk seams must not show
+        monkeypatch.setattr(attributions_module, "_PATH_MAX_ELEMENTS", 24 * 40)
+    got = conductances(net, x, layers, baselines=baselines)
+    assert list(got) == layers
+    with torch.no_grad():
+        out = net.eval()(x)
+    target = out.argmax(1) if out.shape[1] > 1 else torch.zeros(len(x), dtype=torch.long)
+    if net_name == "classifier":
+        assert len(target.unique()) >= 2  # one target per sample is exercised
+    base = torch.zeros_like(x) if baselines is None else x.mean(0, keepdim=True).expand_as(x)
+    for layer in layers:
+        want = captum_conductance(net, x, layer, target, base)
+        assert got[layer].shape == want.shape
+        np.testing.assert_allclose(got[layer], want, atol=1e-5, rtol=1e-4, err_msg=layer)
+        # the single-layer form is the same computation
+        np.testing.assert_allclose(conductance(net, x, layer, baselines=baselines), got[layer], atol=1e-5, rtol=1e-5)
+    assert all_hooks(net) == 0
+
+
+def test_conductances_explicit_target_and_n_steps() -> None:
+    net, x = classifier()
+    got = conductances(net, x, ["layers.1"], target=2, n_steps=7)["layers.1"]
+    want = captum_conductance(net, x, "layers.1", torch.full((len(x),), 2), torch.zeros_like(x), n_steps=7)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+class InplaceAfter(nn.Module):
+    """A tapped Linear whose output an in-place ReLU then overwrites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 8)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.fc(x)))
+
+
+def test_conductances_layer_overwritten_in_place_downstream() -> None:
+    torch.manual_seed(4)
+    net, x = InplaceAfter(), batch(16)
+    got = conductances(net, x, ["fc"])["fc"]
+    want = captum_conductance(net, x, "fc", torch.zeros(16, dtype=torch.long), torch.zeros_like(x))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+    assert (got < 0).any()  # the pre-activation values survived the in-place ReLU
+
+
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.unused = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(self.fc(x)))
+
+
+def test_conductances_bad_layers() -> None:
+    net, x = Twice(), batch(4)
+    net.train()
+    with pytest.raises(XAIError, match=r"layer 'fc' is called 2 times by the forward pass"):
+        conductances(net, x, ["fc"])
+    with pytest.raises(XAIError, match=r"layer 'unused' is not called by the forward pass"):
+        conductances(net, x, ["head", "unused"])
+    with pytest.raises(XAIError, match=r"layers must be a list of layer names"):
+        conductances(net, x, "head")  # type: ignore[arg-type]
+    with pytest.raises(XAIError, match=r"unknown layer 'fc2'; valid layer names: fc"):
+        conductances(net, x, ["head", "fc2"])
+    assert all_hooks(net) == 0 and net.training  # hooks gone and state restored after each error
+    assert conductances(net, x, []) == {}
+    assert conductances(net, x, ["head", "head"])["head"].shape == (4, 1)
+
+
 def test_conductance_unknown_layer_lists_names() -> None:
     net, x = MLP(nn.ReLU), batch(4)
     with pytest.raises(XAIError, match=r"unknown layer 'layer.0'; valid layer names: layers\.0.*layers"):
@@ -404,6 +527,34 @@ def test_conductance_figure_means_per_unit() -> None:
     assert png(fig).startswith(b"\x89PNG")
     heights = [p.get_height() for p in fig.axes[0].patches]
     np.testing.assert_allclose(heights, [2.0, -1.0, 0.25])
+
+
+def test_wide_layers_drawn_as_one_line_collection() -> None:
+    from matplotlib.collections import LineCollection
+
+    from mlflow_xai.figures.attributions import MAX_WIDTH, WIDE_UNITS
+
+    n = 4 * WIDE_UNITS
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(3, n))
+    fig = conductance_figure("layers.1", values)
+    ax = fig.axes[0]
+    assert len(ax.patches) == 0
+    (lines,) = [c for c in ax.collections if isinstance(c, LineCollection)]
+    segs = lines.get_segments()
+    assert len(segs) == n
+    # each unit's line runs from 0 to its mean conductance, coloured by sign
+    np.testing.assert_allclose([s[1][1] for s in segs], values.mean(0))
+    assert len({tuple(c) for c in lines.get_colors()}) == 2
+    assert fig.get_figwidth() == MAX_WIDTH
+    png = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(png)
+    assert png.getvalue()[:4] == b"\x89PNG"
+    fig = weights_vs_conductance("layers.12", rng.normal(size=n), values)
+    bars = fig.axes[0]
+    assert len(bars.patches) == 0 and len(bars.collections) == 2
+    assert [len(c.get_segments()) for c in bars.collections] == [n, n]
+    assert [t.get_text() for t in bars.get_legend().get_texts()] == ["weight (scaled)", "conductance (scaled)"]
 
 
 def test_weights_vs_conductance() -> None:

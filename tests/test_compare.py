@@ -268,3 +268,21 @@ def test_prediction_shift_classification_and_shape_mismatch() -> None:
     assert s.agreement == pytest.approx(2 / 3) and s.mean_abs_diff > 0
     with pytest.raises(XAIError, match="outputs of different shapes"):
         prediction_shift(np.zeros((3, 1)), np.zeros((3, 2)))
+
+
+def test_weight_drift_max_abs_diff_over_finite_values() -> None:
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+    with torch.no_grad():
+        a.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]))
+        b.weight.copy_(torch.tensor([[1.5, -2.0, 3.0], [0.0, 0.25, 0.0]]))
+    drift, *_ = weight_drift(nn.Sequential(a), nn.Sequential(b))
+    assert drift["0"].max_abs_diff == 4.0  # |-2 - 2|: the negative side counts
+    with torch.no_grad():
+        b.weight[1, 2] = float("nan")
+        b.weight[1, 0] = float("inf")
+    drift, *_ = weight_drift(nn.Sequential(a), nn.Sequential(b))
+    assert drift["0"].max_abs_diff == 4.0 and math.isnan(drift["0"].diff_l2)
+    with torch.no_grad():
+        b.weight.fill_(float("nan"))
+    drift, *_ = weight_drift(nn.Sequential(a), nn.Sequential(b))
+    assert math.isnan(drift["0"].max_abs_diff)

@@ -591,3 +591,35 @@ def test_inspect_never_imports_mlflow_or_matplotlib() -> None:
                 names = [node.module]
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("mlflow", "matplotlib")]
     assert offenders == []
+
+
+def test_stats_run_on_one_thread_and_restore_the_thread_count() -> None:
+    # Several chunks, some NaN: both the fast and the slow path run under the one-thread context.
+    t = torch.randn(3 * stats_mod._CHUNK + 5, generator=torch.Generator().manual_seed(0))
+    t[7] = float("nan")
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    real = stats_mod._moments
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    torch.set_num_threads(2)
+    try:
+        stats_mod._moments = spy  # type: ignore[assignment]
+        s, h = stats_mod.stats_and_histogram(t)
+        stats_mod.tensor_stats(t)
+        stats_mod.histogram(t)
+        assert seen == [1, 1, 1]
+        assert torch.get_num_threads() == 2
+        finite = t[torch.isfinite(t)].double().numpy()
+        assert s.nan_count == 1 and math.isclose(s.mean, finite.mean(), rel_tol=1e-9, abs_tol=1e-12)
+        assert math.isclose(s.std, finite.std(), rel_tol=1e-9)
+        assert int(h.counts.sum()) == finite.size
+        with pytest.raises(XAIError):
+            stats_mod.stats_and_histogram(t, bins=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        stats_mod._moments = real  # type: ignore[assignment]
+        torch.set_num_threads(before)

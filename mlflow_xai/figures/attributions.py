@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -19,6 +20,12 @@ from mlflow_xai.errors import XAIError
 __all__ = ["attribution_bar", "conductance_figure", "weights_vs_conductance"]
 
 _POS, _NEG = "tab:blue", "tab:red"
+#: Layers with more units than this are drawn as one line per unit in a single
+#: ``LineCollection`` on a figure of bounded width, instead of one bar artist per unit
+#: (thousands of patches, and a figure inches wide per hundred units).
+WIDE_UNITS = 256
+#: The widest figure, in inches, of a per-unit plot.
+MAX_WIDTH = 16.0
 
 
 def _per_unit(values: np.ndarray, what: str) -> np.ndarray:
@@ -84,6 +91,9 @@ def conductance_figure(layer: str, values: np.ndarray) -> Figure:
         values: Conductance, ``(batch, units)`` (averaged here over the batch) or
             already one value per unit.
 
+    A layer of more than :data:`WIDE_UNITS` units is drawn as one vertical line per
+    unit (a single ``LineCollection``) on a figure at most :data:`MAX_WIDTH` inches wide.
+
     Example:
         >>> fig = conductance_figure("layers.0", np.array([[0.5, -0.2], [0.3, 0.0]]))
         >>> len(fig.axes[0].patches)
@@ -91,13 +101,13 @@ def conductance_figure(layer: str, values: np.ndarray) -> Figure:
     """
     per_unit = _per_unit(values, "conductance")
     title = f"conductance of {layer}: mean per unit"
-    fig = Figure(figsize=(max(6.4, 0.12 * per_unit.size), 3.6), layout="constrained")
+    fig = Figure(figsize=(_width(per_unit.size), 3.6), layout="constrained")
     if per_unit.size == 0:
         return _empty(fig, title, "the layer has no units")
     ax = fig.add_subplot()
     units = np.arange(per_unit.size)
     # Sign matters: a negative unit pushes the output down along the path.
-    ax.bar(units, per_unit, color=np.where(per_unit >= 0, _POS, _NEG))
+    _unit_bars(ax, units, per_unit, np.where(per_unit >= 0, _POS, _NEG))
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("unit")
@@ -105,6 +115,19 @@ def conductance_figure(layer: str, values: np.ndarray) -> Figure:
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     return fig
+
+
+def _width(units: int) -> float:
+    return min(MAX_WIDTH, max(6.4, 0.12 * units))
+
+
+def _unit_bars(ax: Axes, units: np.ndarray, values: np.ndarray, colors: np.ndarray) -> None:
+    """One bar per unit; beyond :data:`WIDE_UNITS` units one line per unit in a single artist."""
+    if values.size > WIDE_UNITS:
+        ax.vlines(units, 0.0, values, colors=colors, linewidth=0.6)
+        ax.set_xlim(-0.5, values.size - 0.5)
+    else:
+        ax.bar(units, values, color=colors)
 
 
 def _scaled(v: np.ndarray) -> np.ndarray:
@@ -155,8 +178,13 @@ def weights_vs_conductance(
     bars, scatter = fig.subplots(1, 2, width_ratios=(2, 1))
     units = np.arange(w.size)
     width = 0.4
-    bars.bar(units - width / 2, _scaled(w), width, label="weight (scaled)", color="tab:gray")
-    bars.bar(units + width / 2, _scaled(c), width, label="conductance (scaled)", color=_POS)
+    if w.size > WIDE_UNITS:  # one LineCollection per series, as in conductance_figure
+        bars.vlines(units - width / 2, 0.0, _scaled(w), colors="tab:gray", linewidth=0.5, label="weight (scaled)")
+        bars.vlines(units + width / 2, 0.0, _scaled(c), colors=_POS, linewidth=0.5, label="conductance (scaled)")
+        bars.set_xlim(-0.5, w.size - 0.5)
+    else:
+        bars.bar(units - width / 2, _scaled(w), width, label="weight (scaled)", color="tab:gray")
+        bars.bar(units + width / 2, _scaled(c), width, label="conductance (scaled)", color=_POS)
     bars.axhline(0.0, color="black", linewidth=0.8)
     bars.xaxis.set_major_locator(MaxNLocator(integer=True))
     bars.set_xlabel("unit")

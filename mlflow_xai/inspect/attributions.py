@@ -63,6 +63,7 @@ __all__ = [
     "attribute_with_error",
     "completeness_error",
     "conductance",
+    "conductances",
     "rank_features",
 ]
 
@@ -86,6 +87,10 @@ _GS_NOISE_SCALE = 0.1
 # feature_ablation batches several ablated copies per forward pass; cap the rows so
 # a wide input on a big batch does not allocate an unbounded tensor.
 _ABLATION_MAX_ROWS = 1 << 16
+# conductances() runs its integration path in chunks of path points; a chunk holds at
+# most this many elements of the chosen layers' outputs (float32: 64 MB), so the
+# autograd graph of a chunk stays bounded at any width and batch size.
+_PATH_MAX_ELEMENTS = 1 << 24
 
 # captum warnings that say nothing actionable to our users: we hand it leaf tensors
 # on purpose, and DeepLift's hooks are removed by captum itself (checked in tests).
@@ -576,13 +581,14 @@ def conductance(
 ) -> np.ndarray:
     """Layer conductance: how much each unit of ``layer`` carries of the output change.
 
-    captum's ``LayerConductance`` along the straight path from the baseline to each
-    input, on a uniform grid of ``n_steps + 1`` points from the baseline to the input
-    (``riemann_trapezoid`` alphas: captum multiplies the gradient at each point by the
-    change of the layer's output to the next point, and only a grid that includes
-    both ends makes those changes add up to the whole ``h(x) - h(baseline)``; the
-    Gauss-Legendre points drop the two end segments). When every path from input to
-    output passes through ``layer`` (any layer of a sequential MLP), the
+    The numbers of captum's ``LayerConductance`` along the straight path from the
+    baseline to each input, on a uniform grid of ``n_steps + 1`` points from the
+    baseline to the input (``riemann_trapezoid`` alphas: captum multiplies the
+    gradient at each point by the change of the layer's output to the next point, and
+    only a grid that includes both ends makes those changes add up to the whole
+    ``h(x) - h(baseline)``; the Gauss-Legendre points drop the two end segments).
+    :func:`conductances` computes them, for one layer here. When every path from input
+    to output passes through ``layer`` (any layer of a sequential MLP), the
     conductances of a sample sum to ``f(x) - f(baseline)``, the sum of its
     integrated-gradients attributions, up to the error of captum's rule, which is
     first order (the gradient at the left end of each step). Measured as in
@@ -611,23 +617,155 @@ def conductance(
         >>> conductance(net, torch.randn(6, 3), "0").shape
         (6, 4)
     """
-    from captum.attr import LayerConductance
+    return conductances(model, inputs, [layer], target, baselines, task=task, n_steps=n_steps)[layer]
 
+
+class _LayerTaps:
+    """Forward hooks that keep each chosen layer's output of the current forward pass.
+
+    Like captum's layer hooks, each hook keeps the module's output and hands a clone
+    on to the rest of the network, so an in-place operation downstream cannot change
+    the kept tensor that the gradients are taken with respect to.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, int] = {}
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> _LayerTaps:
+        for name, module in self.modules.items():
+            self.handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _hook(self, name: str):  # noqa: ANN202 - a torch forward hook
+        def hook(_module: nn.Module, _inp: object, out: object) -> torch.Tensor:
+            if not isinstance(out, torch.Tensor):
+                raise XAIError(f"layer {name!r} returns several tensors; choose a layer with one output")
+            self.calls[name] = self.calls.get(name, 0) + 1
+            self.outputs[name] = out
+            return out.clone()
+
+        return hook
+
+    def begin(self) -> None:
+        self.outputs.clear()
+        self.calls.clear()
+
+    def check(self, rows: int) -> None:
+        for name in self.modules:
+            calls = self.calls.get(name, 0)
+            if calls != 1:
+                what = "is not called by" if calls == 0 else f"is called {calls} times by"
+                raise XAIError(f"layer {name!r} {what} the forward pass; conductance needs a layer "
+                               "the forward calls exactly once")
+            out = self.outputs[name]
+            if out.ndim == 0 or out.shape[0] != rows:
+                raise XAIError(f"layer {name!r} maps a batch of {rows} to output shape {tuple(out.shape)}; "
+                               "conductance needs one output row per input row")
+
+
+def conductances(
+    model: nn.Module,
+    inputs: torch.Tensor | np.ndarray,
+    layers: Sequence[str],
+    target: TargetSpec = None,
+    baselines: BaselineSpec = None,
+    *,
+    task: Task | None = None,
+    n_steps: int = 50,
+) -> dict[str, np.ndarray]:
+    """Layer conductance of several layers from one pass over the integration path.
+
+    Equal to captum's ``LayerConductance`` on each layer (``riemann_trapezoid``, the
+    grid :func:`conductance` describes), but one walk along the path serves every
+    layer: each path point's forward keeps the output of every chosen layer, and one
+    gradient call per chunk of points gives the target output's gradient with respect
+    to all of them. Captum's rule is then applied per layer: the gradient at each
+    point times the change of the layer's output to the next point, summed over the
+    points. The cost is that of one layer's conductance, whatever the number of
+    layers, and the points run in chunks so the memory stays bounded at any width.
+
+    Args:
+        model: Any ``nn.Module``.
+        inputs: Batch-first inputs.
+        layers: Qualified module names, as in ``model.named_modules()``; each must be
+            called exactly once by the forward pass and return one tensor.
+        target, baselines, task: As in :func:`attribute`.
+        n_steps: Integration steps.
+
+    Returns:
+        ``{layer: conductance}``, each of that layer output's shape, in the order given.
+
+    Raises:
+        XAIError: An unknown layer (the message lists valid names), a layer the
+            forward does not call exactly once, and the errors of :func:`attribute`.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.Tanh(), nn.Linear(2, 1))
+        >>> {k: v.shape for k, v in conductances(net, torch.randn(6, 3), ["1", "3"]).items()}
+        {'1': (6, 4), '3': (6, 2)}
+    """
     _check_model(model)
     _check_n_steps(n_steps)
-    module = _resolve_layer(model, layer)
-    with _attribution_mode(model), _quiet_captum():
+    if isinstance(layers, str):
+        raise XAIError(f"layers must be a list of layer names, got the string {layers!r}; "
+                       "pass [name] (or call conductance for one layer)")
+    names = list(dict.fromkeys(layers))
+    modules = {name: _resolve_layer(model, name) for name in names}
+    if not modules:
+        return {}
+    with _attribution_mode(model), _LayerTaps(modules) as taps:
         p = _prepare(model, inputs, baselines, target, task)
-        values = LayerConductance(p.net, module).attribute(
-            p.x,
-            baselines=p.baseline,
-            target=p.target,
-            n_steps=n_steps,
-            method="riemann_trapezoid",
-        )
-    if not isinstance(values, torch.Tensor):
-        raise XAIError(f"layer {layer!r} returns several tensors; choose a layer with one output")
-    return cast(np.ndarray, values.detach().cpu().numpy())
+        sums = _path_conductance(p, taps, n_steps)
+    return {name: sums[name].detach().cpu().numpy() for name in names}
+
+
+def _path_conductance(p: _Prepared, taps: _LayerTaps, n_steps: int) -> dict[str, torch.Tensor]:
+    """Captum's conductance sum for every tapped layer, walking the path in chunks."""
+    batch = p.x.shape[0]
+    # captum's grid for riemann_trapezoid with n_steps + 1 points, as python floats,
+    # and captum's path expression, so the points are bitwise those captum evaluates.
+    alphas = torch.linspace(0, 1, n_steps + 1).tolist()
+    # The width of the tapped outputs per row sets how many points go into one chunk.
+    with torch.no_grad():
+        taps.begin()
+        p.net(p.x[:1])
+        taps.check(1)
+        per_row = sum(int(out[0].numel()) for out in taps.outputs.values())
+    per_chunk = max(1, min(len(alphas), _PATH_MAX_ELEMENTS // max(1, per_row * batch)))
+    sums: dict[str, torch.Tensor] = {}
+    prev: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # last point's (gradient, output)
+    for start in range(0, len(alphas), per_chunk):
+        chunk = alphas[start:start + per_chunk]
+        k = len(chunk)
+        scaled = torch.cat([p.baseline + a * (p.x - p.baseline) for a in chunk], dim=0).requires_grad_()
+        taps.begin()
+        with torch.enable_grad():
+            out = p.net(scaled)
+            taps.check(k * batch)
+            chosen = out[torch.arange(k * batch, device=out.device), p.target.repeat(k)]
+            kept = [taps.outputs[name] for name in taps.modules]
+            grads = torch.autograd.grad(chosen.sum(), kept, allow_unused=True)
+        for name, h, g in zip(taps.modules, kept, grads, strict=True):
+            h = h.detach()
+            g = torch.zeros_like(h) if g is None else g.detach()
+            h = h.reshape(k, batch, *h.shape[1:])
+            g = g.reshape(k, batch, *g.shape[1:])
+            # captum: sum over points i < n of grad(i) * (h(i + 1) - h(i))
+            total = (h[1:] - h[:-1]).mul_(g[:-1]).sum(dim=0) if k > 1 else torch.zeros_like(h[0])
+            if name in prev:
+                g_prev, h_prev = prev[name]
+                total = total + g_prev * (h[0] - h_prev)
+            sums[name] = total if name not in sums else sums[name] + total
+            prev[name] = (g[-1], h[-1])
+    return sums
 
 
 def rank_features(

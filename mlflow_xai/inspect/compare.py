@@ -33,7 +33,7 @@ from mlflow_xai.errors import XAIError
 from mlflow_xai.inspect.hooks import capture_activations, first_tensor, is_leaf
 from mlflow_xai.inspect.modules import RELU_FAMILY, eval_mode
 from mlflow_xai.inspect.results import Histogram, TensorStats
-from mlflow_xai.inspect.stats import tensor_stats
+from mlflow_xai.inspect.stats import one_thread, tensor_stats
 
 __all__ = [
     "ActivationShift",
@@ -213,6 +213,22 @@ def _common_histograms(a: torch.Tensor, b: torch.Tensor, stats_a: TensorStats, s
     return Histogram(counts(a), edges), Histogram(counts(b), edges)
 
 
+def _max_abs_finite(diff: torch.Tensor, diff_l2: float) -> float:
+    """The largest finite ``|diff|``; NaN when no value is finite.
+
+    A finite L2 norm (accumulated in float64, where squares of float32 cannot overflow)
+    means every value is finite, and then the min/max pass gives the answer without an
+    ``abs`` copy of the whole difference.
+    """
+    if diff.numel() == 0:
+        return math.nan
+    if math.isfinite(diff_l2):
+        lo, hi = torch.aminmax(diff)
+        return max(-float(lo), float(hi))
+    finite = diff[torch.isfinite(diff)]
+    return float(finite.abs().max()) if finite.numel() else math.nan
+
+
 def _weighted(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules()
             if n and isinstance(getattr(m, "weight", None), torch.Tensor)}
@@ -249,7 +265,8 @@ def weight_drift(a: nn.Module, b: nn.Module, *, bins: int = 50) -> tuple[
         if wa.shape != wb.shape or type(ma) is not type(mb):
             mismatched[name] = (tuple(wa.shape), tuple(wb.shape))
             continue
-        with torch.no_grad():
+        # Memory-bound passes: on one thread (see inspect.stats.one_thread).
+        with torch.no_grad(), one_thread(wa):
             diff = wb.to(wa.device) - wa
             diff_l2 = _l2(diff)
             sa, sb = _stats(wa), _stats(wb)
@@ -258,8 +275,7 @@ def weight_drift(a: nn.Module, b: nn.Module, *, bins: int = 50) -> tuple[
             ba, bb = getattr(ma, "bias", None), getattr(mb, "bias", None)
             if isinstance(ba, torch.Tensor) and isinstance(bb, torch.Tensor) and ba.shape == bb.shape:
                 bias_rel = _relative(_l2(bb.to(ba.device) - ba), _l2(ba))
-            finite = diff[torch.isfinite(diff)] if not bool(torch.isfinite(diff).all()) else diff
-            max_abs = float(finite.abs().max()) if finite.numel() else math.nan
+            max_abs = _max_abs_finite(diff, diff_l2)
         drifts[name] = LayerDrift(
             name=name, module_type=type(ma).__name__, shape=tuple(wa.shape),
             relative_l2=_relative(diff_l2, sa.l2_norm) if math.isfinite(diff_l2) else math.nan,
@@ -323,21 +339,28 @@ def compare_activations(a: nn.Module, b: nn.Module, inputs_a: torch.Tensor, inpu
     acts_b, out_b = _forward(b, inputs_a if inputs_b is None else inputs_b)
     mods_a, mods_b = dict(a.named_modules()), dict(b.named_modules())
     shifts: dict[str, ActivationShift] = {}
-    for name, ta in acts_a.items():
-        tb = acts_b.get(name)
-        ma, mb = mods_a[name], mods_b.get(name)
-        if tb is None or type(ma) is not type(mb) or ta.shape != tb.shape or not is_leaf(ma):
-            continue
-        tb = tb.to(ta.device)
-        sa, sb = _stats(ta), _stats(tb)
-        ha, hb = _common_histograms(ta, tb, sa, sb, bins)
-        shifts[name] = ActivationShift(
-            name=name, module_type=type(ma).__name__, shape=tuple(ta.shape[1:]),
-            relative_l2=_relative(_l2(tb - ta), sa.l2_norm), wasserstein=_wasserstein(ta, tb),
-            mean_shift=sb.mean - sa.mean, stats_a=sa, stats_b=sb, hist_a=ha, hist_b=hb,
-            dead_share_a=_dead_share(ma, ta), dead_share_b=_dead_share(mb, tb),  # type: ignore[arg-type]
-        )
+    with one_thread(out_a):  # the statistics below are memory-bound passes (inspect.stats.one_thread)
+        for name, ta in acts_a.items():
+            shift = _shift(name, ta, acts_b.get(name), mods_a[name], mods_b.get(name), bins)
+            if shift is not None:
+                shifts[name] = shift
     return shifts, out_a.detach().cpu().numpy(), out_b.detach().cpu().numpy()
+
+
+def _shift(name: str, ta: torch.Tensor, tb: torch.Tensor | None, ma: nn.Module, mb: nn.Module | None,
+           bins: int) -> ActivationShift | None:
+    """The shift of layer ``name``; ``None`` when B lacks the layer or its output differs in type or shape."""
+    if tb is None or type(ma) is not type(mb) or ta.shape != tb.shape or not is_leaf(ma):
+        return None
+    tb = tb.to(ta.device)
+    sa, sb = _stats(ta), _stats(tb)
+    ha, hb = _common_histograms(ta, tb, sa, sb, bins)
+    return ActivationShift(
+        name=name, module_type=type(ma).__name__, shape=tuple(ta.shape[1:]),
+        relative_l2=_relative(_l2(tb - ta), sa.l2_norm), wasserstein=_wasserstein(ta, tb),
+        mean_shift=sb.mean - sa.mean, stats_a=sa, stats_b=sb, hist_a=ha, hist_b=hb,
+        dead_share_a=_dead_share(ma, ta), dead_share_b=_dead_share(mb, tb),  # type: ignore[arg-type]
+    )
 
 
 def prediction_shift(pred_a: np.ndarray, pred_b: np.ndarray, task: str = "regression") -> PredictionShift:

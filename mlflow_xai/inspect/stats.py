@@ -14,12 +14,15 @@ Per chunk the mean is a float64 sum and the spread a BLAS dot product of the cen
 values (exact two-pass variance, cheaper than ``torch.var_mean``); on the CPU the
 histogram is ``bincount`` of the bin index computed as ``torch.histc`` computes it
 (same operations in the same order, so the same counts), cheaper than ``histc``.
+On the CPU the passes run on one torch thread, restored afterwards.
 ``benchmarks/bench_explain.py`` measures what these cost in ``explain``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,17 +31,39 @@ import torch
 from mlflow_xai.errors import XAIError
 from mlflow_xai.inspect.results import Histogram, TensorStats
 
-__all__ = ["tensor_stats", "histogram", "stats_and_histogram"]
+__all__ = ["tensor_stats", "histogram", "stats_and_histogram", "one_thread"]
 
-# CPU: 1M values = 8 MB as float64, mostly cache-resident across the four reductions
-# run on it. Smaller chunks measured faster on one thread but collapse when torch's
-# intra-op threads contend with other processes (10x slower at 256K on a busy box).
-_CHUNK = 1 << 20
+# CPU: 128K values = 1 MB as float64, cache-resident across the reductions run on it.
+# The passes run on one intra-op thread (see one_thread), where small chunks are the
+# fastest; with several threads they collapsed whenever other processes took a core.
+_CHUNK = 1 << 17
 # GPU: 16M values = 128 MB; each chunk costs kernel launches and host syncs, so fewer
 # and larger chunks win, and the temporaries still stay far below the memory budget.
 _CHUNK_ACCEL = 1 << 24
 
 _NAN = float("nan")
+
+
+@contextlib.contextmanager
+def one_thread(t: torch.Tensor) -> Iterator[None]:
+    """Run the CPU passes over ``t`` on one torch intra-op thread; the thread count is restored after.
+
+    For statistics: each pass is a handful of memory-bound operations on one small chunk: a second
+    thread adds little bandwidth but a barrier per operation, and when another process
+    holds a core that barrier waits for a descheduled thread, several times over the
+    whole single-thread cost. Accelerator tensors are left alone. The thread count is
+    process-wide: torch work running at the same time in another Python thread runs on
+    one thread too until the block ends.
+    """
+    threads = torch.get_num_threads()
+    if t.device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass
@@ -226,7 +251,8 @@ def tensor_stats(t: torch.Tensor, near_zero_eps: float = 1e-6) -> TensorStats:
         >>> s.mean, s.std, s.nan_count
         (0.0, 1.0, 1)
     """
-    return _stats_from(_moments(_Scratch(t), t.numel(), near_zero_eps))
+    with one_thread(t):
+        return _stats_from(_moments(_Scratch(t), t.numel(), near_zero_eps))
 
 
 def histogram(t: torch.Tensor, bins: int = 50) -> Histogram:
@@ -249,9 +275,10 @@ def histogram(t: torch.Tensor, bins: int = 50) -> Histogram:
         ([1, 2], [0.0, 0.5, 1.0])
     """
     _check_bins(bins)
-    scratch = _Scratch(t)
-    acc = _moments(scratch, t.numel(), 0.0)
-    return _histogram(scratch, bins, acc.lo, acc.hi, acc.finite == acc.numel)
+    with one_thread(t):
+        scratch = _Scratch(t)
+        acc = _moments(scratch, t.numel(), 0.0)
+        return _histogram(scratch, bins, acc.lo, acc.hi, acc.finite == acc.numel)
 
 
 def stats_and_histogram(
@@ -265,6 +292,7 @@ def stats_and_histogram(
         (3.0, [1, 1, 1, 1])
     """
     _check_bins(bins)
-    scratch = _Scratch(t)
-    acc = _moments(scratch, t.numel(), near_zero_eps)
-    return _stats_from(acc), _histogram(scratch, bins, acc.lo, acc.hi, acc.finite == acc.numel)
+    with one_thread(t):
+        scratch = _Scratch(t)
+        acc = _moments(scratch, t.numel(), near_zero_eps)
+        return _stats_from(acc), _histogram(scratch, bins, acc.lo, acc.hi, acc.finite == acc.numel)

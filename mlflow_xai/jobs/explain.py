@@ -70,7 +70,7 @@ def _attributions_stage(model: Any, X: np.ndarray, meta: dict[str, Any], methods
     calls twice, say) is left out with a warning instead of failing the explanation.
     """
     from mlflow_xai.figures.attributions import attribution_bar, conductance_figure, weights_vs_conductance
-    from mlflow_xai.inspect.attributions import attribute_with_error, conductance, rank_features
+    from mlflow_xai.inspect.attributions import attribute_with_error, conductances, rank_features
 
     task = meta["task"]
     names = list(meta["feature_names"])
@@ -116,8 +116,8 @@ def _attributions_stage(model: Any, X: np.ndarray, meta: dict[str, Any], methods
         warnings.append(f"conductance skipped for {', '.join(skipped)}: the forward calls "
                         f"{'them' if len(skipped) > 1 else 'it'} more than once")
     blocks = [b for b in blocks if b not in reused]
-    for layer in blocks:
-        cond = conductance(model, X, layer, baselines=baseline, task=task)
+    # Every block's conductance from one walk along the integration path.
+    for layer, cond in conductances(model, X, blocks, baselines=baseline, task=task).items():
         per_unit = cond.mean(axis=0)
         cond_means[layer] = [float(v) for v in per_unit]
         images[f"conductance/{layer}.png"] = paint(lambda n=layer, c=cond: conductance_figure(n, c))
