@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mlflow_xai.errors import XAIError
+from mlflow_xai.figures.style import inches_rect, message_figure
 
 __all__ = ["attribution_bar", "conductance_figure", "weights_vs_conductance"]
 
@@ -39,14 +40,6 @@ def _per_unit(values: np.ndarray, what: str) -> np.ndarray:
     raise XAIError(f"{what} must be (units,) or (batch, units, ...), got shape {v.shape}")
 
 
-def _empty(fig: Figure, title: str, message: str) -> Figure:
-    ax = fig.add_subplot()
-    ax.set_title(title)
-    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
-    ax.set_axis_off()
-    return fig
-
-
 def attribution_bar(method: str, ranked: Sequence[tuple[str, float]], top: int = 10) -> Figure:
     """Horizontal bars of the ``top`` features by mean |attribution|, the largest on top.
 
@@ -65,12 +58,15 @@ def attribution_bar(method: str, ranked: Sequence[tuple[str, float]], top: int =
         raise XAIError(f"top must be a positive integer, got {top!r}")
     shown = list(ranked)[:top]
     title = f"{method}: mean |attribution| per feature"
-    fig = Figure(figsize=(6.4, 1.2 + 0.35 * max(len(shown), 1)), layout="constrained")
     if not shown:
-        return _empty(fig, title, "no features to rank")
+        return message_figure(title, "no features to rank")
     names = [str(n) for n, _ in shown]
     values = np.array([float(v) for _, v in shown])
-    ax = fig.add_subplot()
+    # Fixed margins (a layout engine would measure every label and draw twice): the
+    # left one fits the longest feature name at the tick labels' size.
+    left = min(0.3 + 0.075 * max(len(n) for n in names), 3.5)
+    fig = Figure(figsize=(max(6.4, 5.3 + left), 1.1 + 0.3 * len(shown)))  # the title fits above the bars
+    ax = fig.add_axes(inches_rect(fig, left=left, right=0.3, bottom=0.6, top=0.4))
     y = np.arange(len(shown))
     ax.barh(y, values, color=_POS)
     ax.set_yticks(y, names)
@@ -78,7 +74,7 @@ def attribution_bar(method: str, ranked: Sequence[tuple[str, float]], top: int =
     ax.invert_yaxis()
     ax.set_xlabel("mean |attribution| over the batch")
     suffix = f" (top {len(shown)} of {len(ranked)})" if len(ranked) > len(shown) else ""
-    ax.set_title(title + suffix)
+    ax.set_title(title + suffix, fontsize=10, y=1.0)
     ax.grid(axis="x", alpha=0.3)
     return fig
 
@@ -101,10 +97,11 @@ def conductance_figure(layer: str, values: np.ndarray) -> Figure:
     """
     per_unit = _per_unit(values, "conductance")
     title = f"conductance of {layer}: mean per unit"
-    fig = Figure(figsize=(_width(per_unit.size), 3.6), layout="constrained")
     if per_unit.size == 0:
-        return _empty(fig, title, "the layer has no units")
-    ax = fig.add_subplot()
+        return message_figure(title, "the layer has no units")
+    fig = Figure(figsize=(_width(per_unit.size), 3.6))
+    ax = fig.add_axes(inches_rect(fig, left=0.95, right=0.3, bottom=0.6, top=0.4))
+    ax.yaxis.get_major_formatter().set_powerlimits((-3, 4))  # short tick labels fit the margin
     units = np.arange(per_unit.size)
     # Sign matters: a negative unit pushes the output down along the path.
     _unit_bars(ax, units, per_unit, np.where(per_unit >= 0, _POS, _NEG))
@@ -112,7 +109,7 @@ def conductance_figure(layer: str, values: np.ndarray) -> Figure:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("unit")
     ax.set_ylabel("mean conductance")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10, y=1.0)
     ax.grid(axis="y", alpha=0.3)
     return fig
 
@@ -173,9 +170,15 @@ def weights_vs_conductance(
             f"{w.size} weights but {c.size} conductance values; pass the weights of the layer "
             f"that reads {layer!r} (its units are the weights' columns)"
         )
-    fig = Figure(figsize=(11.0, 4.0), layout="constrained")
-    fig.suptitle(f"{layer}: outgoing weights vs. conductance per unit")
-    bars, scatter = fig.subplots(1, 2, width_ratios=(2, 1))
+    fig = Figure(figsize=(11.0, 4.0))
+    fig.suptitle(f"{layer}: outgoing weights vs. conductance per unit", y=0.97)
+    # Fixed margins in inches: bars 0.8-7.1, scatter 8.05-10.75 (room for its y labels).
+    bars = fig.add_axes(inches_rect(fig, left=0.8, right=3.9, bottom=0.6, top=0.6))
+    scatter = fig.add_axes(inches_rect(fig, left=8.05, right=0.25, bottom=0.6, top=0.6))
+    for ax in (bars, scatter):
+        ax.yaxis.get_major_formatter().set_powerlimits((-3, 4))
+    scatter.xaxis.get_major_formatter().set_powerlimits((-3, 4))
+    scatter.xaxis.set_major_locator(MaxNLocator(nbins=4))
     units = np.arange(w.size)
     width = 0.4
     if w.size > WIDE_UNITS:  # one LineCollection per series, as in conductance_figure
@@ -196,7 +199,7 @@ def weights_vs_conductance(
     scatter.set_xlabel("weight into the output")
     scatter.set_ylabel("mean conductance")
     r = _pearson(w, c)
-    scatter.set_title("Pearson r = n/a" if r is None else f"Pearson r = {r:.2f}")
+    scatter.set_title("Pearson r = n/a" if r is None else f"Pearson r = {r:.2f}", fontsize=10, y=1.0)
     return fig
 
 
