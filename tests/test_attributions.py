@@ -469,7 +469,7 @@ def test_conductances_bad_layers() -> None:
         conductances(net, x, ["head", "unused"])
     with pytest.raises(XAIError, match=r"layers must be a list of layer names"):
         conductances(net, x, "head")  # type: ignore[arg-type]
-    with pytest.raises(XAIError, match=r"unknown layer 'fc2'; valid layer names: fc"):
+    with pytest.raises(XAIError, match=r"unknown layer 'fc2'.*; valid layers: fc"):
         conductances(net, x, ["head", "fc2"])
     assert all_hooks(net) == 0 and net.training  # hooks gone and state restored after each error
     assert conductances(net, x, []) == {}
@@ -478,7 +478,7 @@ def test_conductances_bad_layers() -> None:
 
 def test_conductance_unknown_layer_lists_names() -> None:
     net, x = MLP(nn.ReLU), batch(4)
-    with pytest.raises(XAIError, match=r"unknown layer 'layer.0'; valid layer names: layers\.0.*layers"):
+    with pytest.raises(XAIError, match=r"unknown layer 'layer\.0' \(did you mean 'layers\.0'\?\); valid layers: layers\.0.*layers"):
         conductance(net, x, "layer.0")
 
 

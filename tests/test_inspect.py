@@ -485,7 +485,7 @@ def test_layer_selection_names_and_predicate() -> None:
 def test_unknown_layer_names_valid_ones() -> None:
     with pytest.raises(XAIError, match=r"unknown layer 'layers\.9'.*0, 1, 2"):
         explain(mlp(), x(), layers=["layers.9"])
-    with pytest.raises(XAIError, match=r"e\.g\. fc1, "):  # the close match comes first
+    with pytest.raises(XAIError, match=r"did you mean .fc1.\?\); valid layers: fc1, "):  # the close match comes first
         explain(AttrNet(), torch.ones(2, 3), layers=["fc_1"])
     with pytest.raises(XAIError, match="layers must be"):
         explain(mlp(), x(), layers=3)  # type: ignore[arg-type]

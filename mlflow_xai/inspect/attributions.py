@@ -41,7 +41,6 @@ therefore pays captum's import, pyplot included.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlflow_xai.errors import XAIError
+from mlflow_xai.errors import XAIError, unknown_choice
 from mlflow_xai.inspect.modules import eval_mode
 
 __all__ = [
@@ -403,9 +402,7 @@ def _run(p: _Prepared, method: str, n_steps: int, seed: int) -> tuple[torch.Tens
 
 def _check_method(method: str) -> None:
     if method not in METHODS:
-        close = difflib.get_close_matches(str(method), METHODS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise XAIError(f"unknown method {method!r}{hint}; use one of {', '.join(METHODS)}")
+        raise unknown_choice("method", str(method), METHODS)
 
 
 def attribute_with_error(
@@ -560,13 +557,7 @@ def _resolve_layer(model: nn.Module, layer: str) -> nn.Module:
     modules = {name: m for name, m in model.named_modules() if name}
     if layer in modules:
         return modules[layer]
-    names = list(modules)
-    # Close matches first (a typo), then the first names, so the user sees the form.
-    close = difflib.get_close_matches(str(layer), names, n=3)
-    shown = close + [n for n in names if n not in close][: 8 - len(close)]
-    more = f", ... ({len(names)} in all)" if len(names) > len(shown) else ""
-    listed = ", ".join(shown) if shown else "(the model has no submodules)"
-    raise XAIError(f"unknown layer {layer!r}; valid layer names: {listed}{more}")
+    raise unknown_choice("layer", str(layer), list(modules))
 
 
 def conductance(

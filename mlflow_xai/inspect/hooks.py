@@ -8,7 +8,6 @@ in-place ops.
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +18,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from mlflow_xai.errors import XAIError
+from mlflow_xai.errors import XAIError, unknown_choice
 
 __all__ = ["LayerSelection", "capture_activations", "resolve_layers", "is_leaf"]
 
@@ -80,15 +79,11 @@ def resolve_layers(
     known = {n for n, _ in named}
     unknown = sorted(wanted - known)
     if unknown:
-        # Close matches first (a typo such as 'layer.0'), then the leaves in model order.
-        close = [c for u in unknown for c in difflib.get_close_matches(u, [n for n in known if n], n=3)]
+        # The leaves in model order (any module may be named, but leaves show the form).
         leaves = [n for n, m in named if n and is_leaf(m)] or [n for n, _ in named if n]
-        valid = list(dict.fromkeys(close + leaves))
-        shown = ", ".join(valid[:_NAMES_IN_ERROR]) + (", ..." if len(valid) > _NAMES_IN_ERROR else "")
-        raise XAIError(
-            f"unknown layer {', '.join(repr(u) for u in unknown)} in {type(model).__name__}; "
-            f"use qualified names from model.named_modules(), e.g. {shown or '(none)'}"
-        )
+        others = [n for n, _ in named if n and n not in set(leaves)]
+        raise unknown_choice("layer", unknown, leaves + others, where=f" in {type(model).__name__}",
+                             shown=_NAMES_IN_ERROR)
     return [(n, m) for n, m in named if n in wanted]
 
 
