@@ -159,8 +159,9 @@ def heatmap(
         interpolation="nearest",
         extent=(-0.5, cols - 0.5, rows - 0.5, -0.5),
     )
-    ax.xaxis.set_major_locator(InViewLocator(steps=NICE_STEPS, integer=True, min_n_ticks=1))
-    ax.yaxis.set_major_locator(InViewLocator(steps=NICE_STEPS, integer=True, min_n_ticks=1))
+    # At most 6 index ticks a side: each tick is several artists to build and draw.
+    ax.xaxis.set_major_locator(InViewLocator(nbins=6, steps=NICE_STEPS, integer=True, min_n_ticks=1))
+    ax.yaxis.set_major_locator(InViewLocator(nbins=6, steps=NICE_STEPS, integer=True, min_n_ticks=1))
     ax.set_title(title, fontsize=10, y=1.0)
     _label_heatmap_axes(ax, shape)
     label = "|value|" if absolute else "value"
