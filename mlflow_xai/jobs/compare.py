@@ -13,15 +13,19 @@ import json
 import math
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mlflow_xai import tracking
 from mlflow_xai.errors import XAIError
 from mlflow_xai.jobs.common import explain_data, load_source, progress_printer, resolve_device
+
+if TYPE_CHECKING:
+    from mlflow_xai.figures.style import Painter
 
 SCHEMA_VERSION = 1
 COMPARE_A_TAG = "mlflow_xai.compare_a"
@@ -165,11 +169,18 @@ def _side_dict(ref: str, source: tracking.Source, side: _Side) -> dict[str, Any]
 
 
 def _compare_in_run(run_id: str, refs: tuple[str, str], sources: tuple[tracking.Source, tracking.Source],
-                    tmp: Path, *, rows: int, fail_above: float | None, device: str, data: str | None, bins: int,
-                    say: Callable[[str], None], allow_pickle: bool = False, task: str = "auto") -> CompareOutcome:
+                    tmp: Path, **kwargs: Any) -> CompareOutcome:
+    from mlflow_xai.figures.style import Painter
+
+    with Painter() as paint:
+        return _compare(paint, run_id, refs, sources, tmp, **kwargs)
+
+
+def _compare(paint: Painter, run_id: str, refs: tuple[str, str], sources: tuple[tracking.Source, tracking.Source],
+             tmp: Path, *, rows: int, fail_above: float | None, device: str, data: str | None, bins: int,
+             say: Callable[[str], None], allow_pickle: bool = False, task: str = "auto") -> CompareOutcome:
     from mlflow_xai.figures.compare import drift_bars, overlaid_distributions, prediction_figure
     from mlflow_xai.figures.layers import heatmap
-    from mlflow_xai.figures.style import figure_to_png
     from mlflow_xai.inspect.compare import (
         compare_activations,
         max_drift_layer,
@@ -182,8 +193,12 @@ def _compare_in_run(run_id: str, refs: tuple[str, str], sources: tuple[tracking.
 
     dev = resolve_device(device)
     say("2/5 downloading, verifying and loading both models")
-    la = _load_side(sources[0], tmp / "a", dev, allow_pickle, "A")
-    lb = _load_side(sources[1], tmp / "b", dev, allow_pickle, "B")
+    # Side by side: downloads wait on I/O, sha256 and torch.load release the GIL. A's error,
+    # if both fail, is the one reported.
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="mlflow-xai-load") as pool:
+        loading = [pool.submit(_load_side, src, tmp / d, dev, allow_pickle, name)
+                   for src, d, name in ((sources[0], "a", "A"), (sources[1], "b", "B"))]
+        la, lb = (f.result() for f in loading)
     ma, mb = la.meta, lb.meta
     if ma is not None and mb is not None:
         if ma.task != mb.task:
@@ -199,6 +214,17 @@ def _compare_in_run(run_id: str, refs: tuple[str, str], sources: tuple[tracking.
             raise XAIError(f"the rows have shape {tuple(raw.shape[1:])}, but model {name} was trained on "
                            f"{side.meta.n_in} features; pass the data both models take")
     drifts, only_a, only_b, mismatched = weight_drift(la.model, lb.model, bins=bins)
+    # The weights' figures are drawn on the painter's thread while the activations compute.
+    labels = ("A", "B")
+    images: dict[str, Any] = {
+        "weights/drift.png": paint(lambda: drift_bars(
+            "weight drift ||W_B \u2212 W_A|| / ||W_A||", {n: d.relative_l2 for n, d in drifts.items()},
+            threshold=fail_above)),
+        "weights/distributions.png": paint(lambda: overlaid_distributions(
+            "weights: A (blue) and B (orange)", {n: (d.hist_a, d.hist_b) for n, d in drifts.items()}, labels)),
+    }
+    for name, d in drifts.items():
+        images[f"weights/{name}.png"] = paint(lambda n=name, v=d.diff: heatmap(f"{n} weight B \u2212 A", v))
     try:
         shifts, out_a, out_b = compare_activations(la.model, lb.model, la.inputs(raw), lb.inputs(raw), bins=bins)
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
@@ -251,24 +277,15 @@ def _compare_in_run(run_id: str, refs: tuple[str, str], sources: tuple[tracking.
     }
 
     say("4/5 drawing the figures")
-    labels = ("A", "B")
-    images: dict[str, bytes] = {
-        "weights/drift.png": figure_to_png(drift_bars(
-            "weight drift ||W_B \u2212 W_A|| / ||W_A||", {n: d.relative_l2 for n, d in drifts.items()},
-            threshold=fail_above)),
-        "weights/distributions.png": figure_to_png(overlaid_distributions(
-            "weights: A (blue) and B (orange)", {n: (d.hist_a, d.hist_b) for n, d in drifts.items()}, labels)),
-    }
-    for name, d in drifts.items():
-        images[f"weights/{name}.png"] = figure_to_png(heatmap(f"{name} weight B \u2212 A", d.diff))
-    images["activations/shift.png"] = figure_to_png(drift_bars(
+    images["activations/shift.png"] = paint(lambda: drift_bars(
         "activation change ||act_B \u2212 act_A|| / ||act_A|| on the same rows",
         {n: s.relative_l2 for n, s in shifts.items()}, xlabel="relative L2 change"))
-    images["activations/distributions.png"] = figure_to_png(overlaid_distributions(
+    images["activations/distributions.png"] = paint(lambda: overlaid_distributions(
         "activations on the same rows: A (blue) and B (orange)",
         {n: (s.hist_a, s.hist_b) for n, s in shifts.items()}, labels))
-    images["predictions.png"] = figure_to_png(prediction_figure(
+    images["predictions.png"] = paint(lambda: prediction_figure(
         preds, labels, unit=target_name if task == "regression" else ""))
+    images = {path: blob.result() for path, blob in images.items()}
 
     say("5/5 logging the artifacts")
     out = tmp / "compare"

@@ -21,6 +21,7 @@ import contextlib
 import os
 import re
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,13 +119,21 @@ def load_pytorch_model(model_dir: Path, uri: str, *, device: str = "cpu", allow_
                 f"there; refusing it. If you trust this model, pass {PICKLE_OPT_IN} (MLproject and "
                 "evaluator config: allow_pickle=true)"
             )
-        model = _load_pickle(model_dir, mlmodel, uri, device)
+        with _LOADING:
+            model = _load_pickle(model_dir, mlmodel, uri, device)
         return PyTorchModel(model=model, format="pickle", mlmodel=mlmodel)
-    program = _load_pt2(data / PT2_FILE, uri)
-    loaded = unflatten_program(program)
+    with _LOADING:
+        program = _load_pt2(data / PT2_FILE, uri)
+        loaded = unflatten_program(program)
     loaded.model.to(device)
     loaded.mlmodel = mlmodel
     return loaded
+
+
+# One load at a time in a process (compare loads its two sides on two threads):
+# torch.export.load keeps its deserializer in a module global ("_CURRENT_DESERIALIZER is
+# already set"), and a pickled model's load puts its code folder on sys.path for the load.
+_LOADING = threading.Lock()
 
 
 def _load_pt2(path: Path, uri: str) -> Any:
