@@ -34,7 +34,7 @@ demo: install
 	$(BIN)/mlflow-xai explain
 	@echo
 	@echo "Look at it:  $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db   then open http://127.0.0.1:5000"
-	@echo "             experiment 'mlflow-xai': the train run (params, metric charts, checkpoints/, tensorboard/)"
+	@echo "             experiment 'mlflow-xai': the train run (params, metric charts, checkpoints/, tensorboard/, xai/training.html)"
 	@echo "             and the explain run (artifacts xai/report.html, xai/weights/, xai/activations/, xai/gradients/)"
 
 test: install
