@@ -8,8 +8,9 @@ engine, with few artists per panel, so that a grid of many layers renders quickl
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -72,12 +73,15 @@ def figure_to_png(fig: Figure, dpi: int = 100) -> bytes:
 
 
 class Painter:
-    """Builds and renders figures to PNG on one background thread, in the order given.
+    """Builds and renders figures to PNG on a background thread, in the order given.
 
     A job hands each figure here and goes on computing: PyTorch's kernels release the
     GIL, so the drawing overlaps the next stage (attributions, the diagram) on another
-    core. Only this thread touches matplotlib while the painter is open. Use it as a
-    context manager: leaving it waits for (or, on an error, cancels) what is queued.
+    core. Every painter of a process draws on the same one thread, started on first use
+    and kept: matplotlib is then only ever touched by that thread, and a service that
+    explains in a loop does not start (and leave memory behind in) a thread per call.
+    Use it as a context manager: leaving it waits for what it queued (or, on an error,
+    drops what has not started).
 
     Example:
         >>> with Painter() as paint:
@@ -86,19 +90,34 @@ class Painter:
         True
     """
 
+    _pool: ThreadPoolExecutor | None = None
+    _pool_lock = threading.Lock()
+
     def __init__(self, dpi: int = 100) -> None:
         self.dpi = dpi
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-xai-figures")
+        self._futures: list[Future[bytes]] = []
+
+    @classmethod
+    def _thread(cls) -> ThreadPoolExecutor:
+        with cls._pool_lock:
+            if cls._pool is None:
+                cls._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-xai-figures")
+            return cls._pool
 
     def __call__(self, build: Callable[[], Figure]) -> Future[bytes]:
         """Queue ``build()`` (which returns a Figure) for rendering; the future holds the PNG bytes."""
-        return self._pool.submit(lambda: figure_to_png(build(), self.dpi))
+        future = self._thread().submit(lambda: figure_to_png(build(), self.dpi))
+        self._futures.append(future)
+        return future
 
     def __enter__(self) -> Painter:
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+        if exc_type is not None:
+            for future in self._futures:
+                future.cancel()
+        wait(self._futures)
 
 
 class InViewLocator(MaxNLocator):
