@@ -78,8 +78,9 @@ class Painter:
     A job hands each figure here and goes on computing: PyTorch's kernels release the
     GIL, so the drawing overlaps the next stage (attributions, the diagram) on another
     core. Every painter of a process draws on the same one thread, started on first use
-    and kept: matplotlib is then only ever touched by that thread, and a service that
-    explains in a loop does not start (and leave memory behind in) a thread per call.
+    and kept: the figures of jobs running at once are drawn one after another, never by
+    two threads together, and a service that explains in a loop does not start (and
+    leave memory behind in) a thread per call.
     Use it as a context manager: leaving it waits for what it queued (or, on an error,
     drops what has not started).
 
