@@ -81,7 +81,8 @@ def resolve_layers(
     if unknown:
         # The leaves in model order (any module may be named, but leaves show the form).
         leaves = [n for n, m in named if n and is_leaf(m)] or [n for n, _ in named if n]
-        others = [n for n, _ in named if n and n not in set(leaves)]
+        shown = set(leaves)
+        others = [n for n, _ in named if n and n not in shown]
         raise unknown_choice("layer", unknown, leaves + others, where=f" in {type(model).__name__}",
                              shown=_NAMES_IN_ERROR)
     return [(n, m) for n, m in named if n in wanted]
