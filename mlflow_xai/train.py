@@ -1,7 +1,7 @@
 """The fit: the LightningModule, the Trainer, and the fit on the cookbook's split.
 
 The Trainer is built here and only here; Lightning is also imported by the monitor
-(a callback) and by :mod:`mlflow_xai.tracking`'s epoch-metrics callback
+(a callback) and by :mod:`mlflow_xai.tracking.epochs` (the epoch-metrics callback)
 (``tests/test_layering.py`` states who may import it).
 
 EarlyStopping on ``val_loss`` with the config's patience, ModelCheckpoint keeping the

@@ -124,6 +124,32 @@ def test_the_monitor_sends_again_a_call_whose_answer_was_cut_off(
             if any(name.startswith(key) for name in images)} == {"xai_weights", "xai_gradients", "xai_activations"}
 
 
+def test_the_writer_keeps_what_a_dead_server_missed_and_sends_it_when_back(
+        own_server: MlflowServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server gone longer than MLflow's retries: nothing more is tried until the end, then all of it lands."""
+    from mlflow.entities import Metric
+
+    from mlflow_xai.tracking.writer import RunWriter
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    client = MlflowClient(own_server.uri)
+    run_id = client.create_run(client.create_experiment(f"gone-{time.time_ns()}")).info.run_id
+    writer = RunWriter(client, run_id)
+    writer.log([Metric("loss", 1.0, 1000, 0)])
+    writer.flush(wait=True)
+    own_server.kill()
+    for step in range(1, 40):
+        writer.log([Metric("loss", float(step), 1000, step)], {"mlflow_xai.alert.nan": "true"} if step == 7 else None)
+        writer.flush(wait=True)
+    assert writer.error is not None  # the first call failed; the next 38 were kept, not tried
+    own_server.start()
+    writer.close(raise_on_failure=True)
+    assert writer.error is None
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(40))
+    assert client.get_run(run_id).data.tags["mlflow_xai.alert.nan"] == "true"
+
+
 def test_an_error_that_is_not_a_cut_off_answer_is_not_sent_again() -> None:
     import requests
     from mlflow.exceptions import MlflowException

@@ -148,7 +148,7 @@ def test_train_registers_versions_with_aliases_and_the_best_trials_config(
 
 def test_the_searches_on_postgres(postgres_mlflow_server: MlflowServer, workflow: dict[str, Any],
                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each lookup of tracking.py, run directly against the PostgreSQL-backed server."""
+    """Each lookup of tracking/, run directly against the PostgreSQL-backed server."""
     from mlflow_xai import tracking
 
     use_server(monkeypatch, postgres_mlflow_server.uri, tmp_path)
