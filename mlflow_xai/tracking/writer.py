@@ -102,8 +102,11 @@ class RunWriter:
         self.client, self.run_id, self.flush_every_s = client, run_id, flush_every_s
         self.error: BaseException | None = None
         self.dropped = 0  # unsent metrics dropped beyond MAX_UNSENT_METRICS
-        self.seconds = 0.0  # wall time spent in MLflow calls, on the writer's thread
-        self.image_seconds = 0.0  # the part of it spent storing images
+        # What the writer's thread spent, for a caller's cost budget (the monitor's): CPU
+        # seconds (its share of the GIL and the cores) per kind of call, and their count.
+        self.cpu_seconds: dict[str, float] = {"batch": 0.0, "image": 0.0, "text": 0.0}
+        self.rows = 0  # metrics written
+        self.images = 0  # images stored
         self._metrics: list[Metric] = []
         self._tags: dict[str, str] = {}
         self._last_flush = time.monotonic()
@@ -129,9 +132,14 @@ class RunWriter:
         if time.monotonic() - self._last_flush >= self.flush_every_s:
             self.flush()
 
-    def log_image(self, image: Any, key: str, step: int) -> None:
-        """Queue one image (a PIL image or an array MLflow takes) as ``images/<key>`` at ``step``."""
-        self._put(_Job(lambda c, r: c.log_image(r, image, key=key, step=step), kind="image"))
+    def log_image(self, image: Any, key: str, step: int, convert: Callable[[Any], Any] | None = None) -> None:
+        """Queue one image (a PIL image or an array MLflow takes) as ``images/<key>`` at ``step``.
+
+        ``convert``, if given, is applied to the image on the writer's thread first (the
+        monitor's palette conversion).
+        """
+        self._put(_Job(lambda c, r: c.log_image(r, convert(image) if convert else image, key=key, step=step),
+                       kind="image"))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Queue a text artifact (the training page)."""
@@ -203,21 +211,20 @@ class RunWriter:
                 self._jobs.task_done()
 
     def _send(self, job: _Job) -> None:
-        started = time.perf_counter()
+        started = time.thread_time()
         try:
             for attempt in range(CUT_RETRIES + 1):
                 try:
                     job.send(self.client, self.run_id)
+                    self.rows += job.metrics
+                    self.images += job.kind == "image"
                     return
                 except Exception as exc:
                     if attempt == CUT_RETRIES or not answer_cut_off(exc):
                         raise
                     time.sleep(2.0**attempt)
         finally:
-            spent = time.perf_counter() - started
-            self.seconds += spent
-            if job.kind == "image":
-                self.image_seconds += spent
+            self.cpu_seconds[job.kind] += time.thread_time() - started
 
     def _keep(self, job: _Job) -> None:
         self._unsent.append(job)
