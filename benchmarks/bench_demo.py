@@ -59,6 +59,8 @@ def fit_floor_main(config: str, out: str, autolog: bool = False) -> None:
     from mlflow_xai.config import load_config
     from mlflow_xai.data import load_dataset, split_dataset
 
+    if os.environ.get("BENCH_FLOOR_THREADS"):
+        torch.set_num_threads(int(os.environ["BENCH_FLOOR_THREADS"]))
     cfg = load_config(config)
     ds = load_dataset("diabetes")
     split = split_dataset(ds)
@@ -112,15 +114,17 @@ TRAIN_STAGES: list[tuple[str, str, str]] = [
 def stages_main(argv: list[str]) -> None:
     """Child process: ``mlflow-xai train ARGV`` with its imports and stages timed; prints JSON.
 
-    The imports are done first, one group at a time, in the order the command needs them;
-    then the functions of :data:`TRAIN_STAGES` are wrapped and the command runs in this
+    The imports are done first, one group at a time, in the order the command needs them
+    and as it does them (the garbage collector paused, then frozen); then the functions of :data:`TRAIN_STAGES` are wrapped and the command runs in this
     process. ``in-process`` is the clock from the first import to the command's return;
     the parent adds the interpreter's start-up and exit.
     """
     import functools
+    import gc
     import importlib
 
     start = time.perf_counter()
+    gc.disable()  # as the train command imports (mlflow_xai.cli._import_then_freeze)
     secs: dict[str, float] = {}
 
     def imp(label: str, *mods: str) -> None:
@@ -134,6 +138,8 @@ def stages_main(argv: list[str]) -> None:
     imp("import torch, lightning", "mlflow_xai.train")
     imp("import the rest (monitor, mlflow.pytorch, jobs)", "mlflow_xai.monitor", "mlflow.pytorch",
         "mlflow_xai.jobs.train", "torch.export", "mlflow.utils.environment")
+    gc.enable()
+    gc.freeze()
 
     def wrap(label: str, fn: Any) -> Any:
         @functools.wraps(fn)
@@ -180,6 +186,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--l1", type=int, default=None, help="the config's l1 (default: the default config's)")
+    parser.add_argument("--one-thread-floor", action="store_true",
+                        help="add a 'fit floor 1t' row: the fit floor on one torch thread, as mlflow-xai train "
+                             "fits a network this small (mlflow_xai.train.fit_threads)")
     parser.add_argument("--stages", action="store_true",
                         help="also run train once per repeat with its imports and stages timed (not in the ratios)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per child process")
@@ -190,6 +199,8 @@ def main() -> None:
     cfg = TunedConfig() if args.l1 is None else TunedConfig(l1=args.l1)
     times: dict[str, list[float]] = {k: [] for k in ("train", "explain", "fit floor", "explain floor",
                                                      "autolog fit")}
+    if args.one_thread_floor:
+        times["fit floor 1t"] = []
     stage_runs: list[dict[str, float]] = []
     epochs: dict[str, set[int]] = {"train": set(), "fit floor": set(), "autolog fit": set()}
     with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp_name:
@@ -207,6 +218,10 @@ def main() -> None:
                               tmp, env, args.timeout)
             times["fit floor"].append(wall)
             epochs["fit floor"].add(json.loads(out.strip().splitlines()[-1])["epochs"])
+            if args.one_thread_floor:
+                wall, _ = timed([sys.executable, str(Path(__file__).resolve()), "--_fit", "config.json", str(tmp)],
+                                tmp, {**env, "BENCH_FLOOR_THREADS": "1"}, args.timeout)
+                times["fit floor 1t"].append(wall)
             wall, _ = timed([sys.executable, str(HERE / "bench_explain.py"), "--_floor", str(tmp / "floor.ckpt"),
                              str(tmp / "batch.pt")], tmp, env, args.timeout)
             times["explain floor"].append(wall)
@@ -239,6 +254,9 @@ def main() -> None:
     print()
     print(f"explain / explain floor:                      {explain_ratio:5.2f}x  (target <= {EXPLAIN_TARGET:g}x)")
     print(f"(train + explain) / (fit floor + explain floor): {demo_ratio:5.2f}x  (target <= {DEMO_TARGET:g}x)")
+    if args.one_thread_floor:
+        one = (med["train"] + med["explain"]) / (med["fit floor 1t"] + med["explain floor"])
+        print(f"(train + explain) / (fit floor 1t + explain floor): {one:5.2f}x")
     print(f"train / autolog fit:                          {med['train'] / med['autolog fit']:5.2f}x  (target <= 1.05x)")
     print(f"epochs run: mlflow-xai train {sorted(epochs['train'])}, fit floor {sorted(epochs['fit floor'])}, "
           f"autolog fit {sorted(epochs['autolog fit'])}")
