@@ -275,7 +275,7 @@ def print_stages(runs: list[dict[str, float]]) -> None:
     print(f"\ntrain process stages (median of {len(runs)}, s; indented rows are parts of the row above):")
     for k in labels:
         print(f"  {k:<50} {med[k]:6.2f}")
-    print(f"  {'other (data, trainer set-up, in the command)':<50} {med['in-process'] - top:6.2f}")
+    print(f"  {'other (the command: its imports, data, trainer)':<50} {med['in-process'] - top:6.2f}")
     print(f"  {'interpreter start-up and exit':<50} {med['process wall'] - med['in-process']:6.2f}")
     print(f"  {'process wall':<50} {med['process wall']:6.2f}")
 
