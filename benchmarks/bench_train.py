@@ -62,6 +62,7 @@ from typing import Any
 import lightning as L
 import mlflow
 import torch
+import torch.export
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -73,10 +74,14 @@ from mlflow_xai.data import load_dataset, split_dataset
 from mlflow_xai.jobs import train as train_job
 from mlflow_xai.train import XAIModule
 
+FIT_TARGET = 1.05  # the fit with the monitor against the same Trainer without MLflow
+PROCESS_TARGET = 1.05  # mlflow-xai train against the autolog script, whole processes
+
 # Stages of train_and_log, timed by wrapping the module attributes the pipeline calls.
 STAGES: dict[str, list[tuple[Any, str]]] = {
     "fit": [(train_mod, "fit")],
     "log model (pt2)": [(tracking, "log_pytorch_model")],
+    "  pt2 export": [(torch.export, "export"), (torch.export, "save")],
     "artifacts": [(tracking, "log_artifact"), (tracking, "log_artifacts")],
     "sha256": [(ckpt_mod, "sha256_file")],
     "params/tags/metrics": [(tracking, "log_params"), (tracking, "set_tags"), (tracking, "log_metrics")],
@@ -207,6 +212,10 @@ def main() -> None:
     parser.add_argument("--parts", action="store_true",
                         help="add plain fits with one of mlflow-xai's in-fit pieces each: ModelCheckpoint, "
                              "TensorBoardLogger, the per-epoch metrics callback")
+    parser.add_argument("--processes", type=int, default=0, metavar="N",
+                        help="also time N alternating whole processes: mlflow-xai train (default config, monitor "
+                             "on) against the same fit under mlflow.pytorch.autolog()")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per process of --processes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -290,7 +299,7 @@ def main() -> None:
             vals = []
             for d in stages[n]:
                 if stage == "other (run, data)":
-                    vals.append(d["total"] - sum(d.get(s, 0.0) for s in STAGES))
+                    vals.append(d["total"] - sum(d.get(s, 0.0) for s in STAGES if not s.startswith(" ")))
                 elif stage == "logging = total-fit":
                     vals.append(d["total"] - d.get("fit", 0.0))
                 else:
@@ -301,6 +310,64 @@ def main() -> None:
     for n in names:
         row += f" {statistics.median(d['fit'] for d in stages[n]) / plain:>17.3f}"
     print(row)
+    row = f"{'fit / same trainer':<22}"
+    for n in names:
+        row += f" {statistics.median(d['fit'] for d in stages[n]) / same:>17.3f}"
+    print(row + f"   (target <= {FIT_TARGET:g} for +monitor)")
+    export = [d.get("  pt2 export", 0.0) for n in names for d in stages[n]]
+    print(f"pt2 export (torch.export.export + torch.export.save, inside log_model): median {statistics.median(export):.3f} s")
+    if args.processes:
+        print()
+        compare_processes(args.processes, args.timeout)
+
+
+def compare_processes(repeats: int, timeout: float) -> None:
+    """``mlflow-xai train`` (monitor on, default config) against the same fit under
+    ``mlflow.pytorch.autolog()``: whole processes, alternately, in one sqlite store.
+
+    The autolog script is ``bench_demo.py``'s (``--_autolog``): the same module, loaders,
+    ``max_epochs`` and EarlyStopping in a bare Trainer, inside ``mlflow.pytorch.autolog()``
+    and a run (params, per-epoch metrics, the pickled model). ``autolog fit 1t`` is the same
+    on one torch intra-op thread, as ``mlflow-xai train`` fits a network this small.
+    """
+    import json
+    import subprocess
+    import sys
+
+    demo = Path(__file__).resolve().parent / "bench_demo.py"
+    times: dict[str, list[float]] = {"mlflow-xai train": [], "autolog fit": [], "autolog fit 1t": []}
+    with tempfile.TemporaryDirectory(prefix="bench-train-proc-") as tmp_name:
+        tmp = Path(tmp_name)
+        (tmp / "config.json").write_text(json.dumps(TunedConfig().to_dict()))
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "PYTHONWARNINGS": "ignore"}
+        env.pop("MLFLOW_RUN_ID", None)
+        cmds = {"mlflow-xai train": [sys.executable, "-m", "mlflow_xai", "train", "--quiet", "--config", "config.json"],
+                "autolog fit": [sys.executable, str(demo), "--_autolog", "config.json", str(tmp)],
+                "autolog fit 1t": [sys.executable, str(demo), "--_autolog", "config.json", str(tmp)]}
+
+        def run(name: str) -> float:
+            cmd = cmds[name]
+            one = {"BENCH_FLOOR_THREADS": "1"} if name.endswith(" 1t") else {}
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=tmp, env={**env, **one}, capture_output=True, text=True,
+                                  timeout=timeout)
+            if proc.returncode != 0:
+                raise SystemExit(f"{' '.join(cmd[:5])}... failed (rc={proc.returncode}):\n{proc.stderr[-2000:]}")
+            return time.perf_counter() - start
+
+        for name in cmds:  # warm-up: page cache, .pyc files, the sqlite schema
+            run(name)
+        for _ in range(repeats):
+            for name in cmds:
+                times[name].append(run(name))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"whole processes, default config (monitor on), median of {repeats} alternating runs:")
+    for name, ts in times.items():
+        print(f"  {name:<18} {med[name]:6.2f} s   " + " ".join(f"{t:.2f}" for t in ts))
+    print(f"  mlflow-xai train / autolog fit: {med['mlflow-xai train'] / med['autolog fit']:.3f}x "
+          f"(target <= {PROCESS_TARGET:g}x); against 'autolog fit 1t' (the same on one torch thread, as "
+          f"mlflow-xai fits a network this small): {med['mlflow-xai train'] / med['autolog fit 1t']:.3f}x")
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ devices and strategy passed through to Lightning.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,16 @@ from mlflow_xai.config import TrainerOptions, TunedConfig
 from mlflow_xai.data import Dataset, Split
 from mlflow_xai.nets import MLP, loss_for
 
-__all__ = ["CHECKPOINT_FORMAT", "FitResult", "XAIModule", "build_trainer", "checkpoint_meta", "fit"]
+__all__ = ["CHECKPOINT_FORMAT", "ONE_THREAD_PARAMETERS", "FitResult", "XAIModule", "build_trainer",
+           "checkpoint_meta", "fit", "fit_threads"]
+
+#: A CPU fit of a network with at most this many parameters runs on one torch intra-op
+#: thread (unless ``OMP_NUM_THREADS`` says otherwise). Each operation of such a network on
+#: a batch is a few microseconds of work: a second thread adds a barrier per operation,
+#: not speed, and when another thread (the monitor's writer) or another process holds a
+#: core, each barrier waits for a descheduled thread, several times over the whole
+#: one-thread cost of the step. Larger networks keep torch's own thread count.
+ONE_THREAD_PARAMETERS = 1_000_000
 
 
 class XAIModule(L.LightningModule):
@@ -160,7 +170,10 @@ def fit(
     *,
     callbacks: Sequence[Callback] = (),
 ) -> FitResult:
-    """Seed everything, build the module and the Trainer, fit; Ctrl-C ends it gracefully."""
+    """Seed everything, build the module and the Trainer, fit; Ctrl-C ends it gracefully.
+
+    A small network on the CPU is fitted on one intra-op thread (:func:`fit_threads`).
+    """
     options = options or TrainerOptions()
     if options.quiet:
         # Lightning's info lines (GPU available, tips, model summary) are noise under --quiet.
@@ -171,7 +184,8 @@ def fit(
     trainer, ckpt = build_trainer(cfg, out_dir, options, callbacks=callbacks)
     train_dl, val_dl = loaders(split, ds.task, cfg.batch_size)
     interrupted = False
-    with warnings.catch_warnings():
+    n_parameters = sum(p.numel() for p in module.parameters())
+    with warnings.catch_warnings(), fit_threads(n_parameters, options):
         # Small tabular data: Lightning's "few workers" and "small log interval" advice does not apply.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*number of training batches.*")
@@ -198,6 +212,36 @@ def fit(
         epochs_run=int(trainer.current_epoch),
         interrupted=interrupted,
     )
+
+
+def _cpu_fit(options: TrainerOptions) -> bool:
+    """Whether Lightning will fit on the CPU (``auto`` picks a GPU or MPS when there is one)."""
+    if options.accelerator == "cpu":
+        return True
+    if options.accelerator != "auto":
+        return False
+    mps = getattr(torch.backends, "mps", None)
+    return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
+
+
+@contextlib.contextmanager
+def fit_threads(n_parameters: int, options: TrainerOptions) -> Iterator[int]:
+    """Torch's intra-op threads for a fit: one for a small network on the CPU
+    (:data:`ONE_THREAD_PARAMETERS`), torch's own setting otherwise; restored afterwards.
+
+    Yields the thread count the fit runs with. ``OMP_NUM_THREADS`` in the environment
+    is the user's choice and is left alone.
+    """
+    threads = torch.get_num_threads()
+    if (threads == 1 or "OMP_NUM_THREADS" in os.environ or n_parameters > ONE_THREAD_PARAMETERS
+            or not _cpu_fit(options)):
+        yield threads
+        return
+    torch.set_num_threads(1)
+    try:
+        yield 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def default_workdir(base: str | os.PathLike[str] | None = None) -> Path:

@@ -169,3 +169,29 @@ def test_logged_model_takes_raw_features_and_predicts_in_target_units(store: str
     run = MlflowClient().get_run(out.run_id)
     assert rmse == pytest.approx(run.data.metrics["test_rmse"], rel=1e-4)
     assert 20 < rmse < 200  # diabetes target units (std ~77), not standardized ones
+
+
+def test_a_small_cpu_fit_runs_on_one_thread_and_restores_the_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow_xai.config import TrainerOptions
+    from mlflow_xai.train import ONE_THREAD_PARAMETERS, fit_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cpu = TrainerOptions(accelerator="cpu")
+        with fit_threads(ONE_THREAD_PARAMETERS, cpu) as threads:
+            assert threads == 1 and torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with fit_threads(ONE_THREAD_PARAMETERS + 1, cpu) as threads:  # a large network keeps torch's count
+            assert threads == 2 and torch.get_num_threads() == 2
+        with fit_threads(100, TrainerOptions(accelerator="gpu")) as threads:  # not a CPU fit
+            assert threads == 2
+        with pytest.raises(RuntimeError), fit_threads(100, cpu):
+            raise RuntimeError("a failing fit")
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's choice stands
+        with fit_threads(100, cpu) as threads:
+            assert threads == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
