@@ -21,7 +21,11 @@ seconds": ``explain / explain floor`` (at most 4x) and ``(train + explain) / (fi
 explain floor)`` (at most 2x), and ``train / autolog fit`` (the monitor issue's 1.05x).
 The fits must stop at the same epoch (it is printed).
 
-Run: ``.venv/bin/python benchmarks/bench_demo.py [--repeats 3] [--l1 16]``
+``--one-thread-floor`` adds the fit floor on one torch thread (as ``mlflow-xai train``
+fits a network this small) and the demo ratio against it; ``--stages`` adds one train
+process per repeat with its imports and stages timed (:func:`stages_main`).
+
+Run: ``.venv/bin/python benchmarks/bench_demo.py [--repeats 3] [--l1 16] [--stages] [--one-thread-floor]``
 """
 
 from __future__ import annotations

@@ -55,11 +55,11 @@ def _import_then_freeze(*modules: str, optional: tuple[str, ...] = ()) -> None:
     """Import what a command is about to use with the garbage collector paused, then freeze.
 
     Importing torch, Lightning and MLflow creates a few million long-lived objects and
-    none of them is garbage, yet each full collection walks them all (0.1-0.3 s each; a
-    train process ran nine). Frozen, they are not walked again; and the interpreter's
-    last collections at exit, which otherwise walk every object the job made (about 2 s
-    after a fit), are skipped by freezing once more at exit: the operating system frees
-    the memory. Process-wide, so done here in the command, not in the library.
+    none of them is garbage, yet each full collection walks them all. Frozen, they are
+    not walked again; and the interpreter's last collections at exit, which otherwise
+    walk every object the job made, are skipped by freezing once more at exit (an
+    ``atexit`` hook: in a long-lived process such as a test run it fires only at its
+    end): the operating system frees the memory. Process-wide, so done here in the command, not in the library.
     ``optional`` names modules the job imports later (other packages' internals, such as
     torch.export's tracer): imported here too when they exist, so that their objects are
     frozen with the rest.
