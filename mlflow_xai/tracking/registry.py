@@ -14,8 +14,17 @@ from mlflow_xai.tracking.contract import CONFIG_SOURCE_TAG, TRAIN_RUN_TAG, quote
 def log_pytorch_model(model: Any, input_example: Any, registered_name: str | None) -> Any:
     """Log the network as an MLflow model in torch.export's pt2 format (loads without unpickling code)."""
     import mlflow.pytorch
+    import numpy as np
     import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
 
+    # The signature MLflow would infer by running the model on the example, given
+    # directly: float32 rows of the example's width in, float32 rows of the output's out.
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(input_example, dtype=np.float32)))
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *np.shape(input_example)[1:]))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]))]))
     # Explicit requirements: MLflow's inference of them loads the model in a subprocess
     # and costs seconds for nothing (loading a pt2 model needs torch and mlflow only).
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
@@ -23,6 +32,7 @@ def log_pytorch_model(model: Any, input_example: Any, registered_name: str | Non
         model,
         name="model",
         input_example=input_example,
+        signature=signature,
         serialization_format="pt2",
         pip_requirements=requirements,
         registered_model_name=registered_name or None,
