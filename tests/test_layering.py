@@ -36,13 +36,14 @@ def _imports(path: Path) -> set[str]:
 MAY_IMPORT = {
     # MLflow: the jobs, the tracking side, the evaluator plugin, the monitor's sink, the CLI.
     "mlflow": {"mlflow_xai.tracking", "mlflow_xai.jobs.train", "mlflow_xai.jobs.explain", "mlflow_xai.jobs.compare",
-               "mlflow_xai.evaluator", "mlflow_xai.monitor", "mlflow_xai.cli", "mlflow_xai.sources.pytorch_model",
+               "mlflow_xai.evaluator", "mlflow_xai.monitor.sinks", "mlflow_xai.cli", "mlflow_xai.sources.pytorch_model",
                "mlflow_xai.sources.inputs"},
     # matplotlib: the figures, and the CLI (imported before the GC freeze).
     "matplotlib": {"mlflow_xai.figures.style", "mlflow_xai.figures.layers", "mlflow_xai.figures.attributions",
                    "mlflow_xai.figures.compare", "mlflow_xai.cli"},
     # Lightning: the fit, its callbacks (the monitor, the epoch metrics).
-    "lightning": {"mlflow_xai.train", "mlflow_xai.monitor", "mlflow_xai.tracking"},
+    "lightning": {"mlflow_xai.train", "mlflow_xai.monitor.callback", "mlflow_xai.monitor.sinks",
+                  "mlflow_xai.tracking"},
 }
 
 

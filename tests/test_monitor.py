@@ -552,7 +552,7 @@ def test_default_histograms_are_spaced_by_their_cost(
     # Default cadence: the first and the last epoch always; in between as often as the
     # budget share of training time allows (a huge budget: every epoch of a 4-epoch fit;
     # a tiny one: none of them).
-    monkeypatch.setattr(monitor_mod, "HISTOGRAM_BUDGET", budget)
+    monkeypatch.setattr(monitor_mod.schedule, "HISTOGRAM_BUDGET", budget)
     run_id = fit_in_run(TinyNet(), XAIMonitor(log_every_n_steps=100), epochs=4)
     assert _image_epochs(client, run_id) == expected
 
