@@ -201,6 +201,42 @@ def test_dead_share_counts_the_same_units_as_explain_on_a_sequence(client: Mlflo
     assert explained >= 0.5 and monitored == pytest.approx(explained)  # units 0-3 at least
 
 
+def test_the_monitor_and_explain_give_the_same_numbers_on_the_same_batch(client: MlflowClient, tmp_path: Path) -> None:
+    """One measurement core: dead share, activation moments, histogram counts and weight
+    norms of a layer are the same while training and in explain, for the same weights and batch."""
+    from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, EventAccumulator
+
+    from mlflow_xai import explain
+
+    model = TinyNet(lr=0.0, optimizer="sgd")  # the weights do not move: explain sees the monitor's
+    with torch.no_grad():  # units 0-2 of the first hidden layer negative for every input: dead
+        model.net[0].weight[:3] = 0.0
+        model.net[0].bias[:3] = -1.0
+    batch = torch.randn(32, 4, generator=torch.Generator().manual_seed(3))
+    tb = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version=0)
+    run_id = fit_in_run(model, XAIMonitor(monitor_batch=batch, histogram_every_n_epochs=1), epochs=1, logger=tb)
+    expl = explain(model, batch, bins=monitor_mod.HISTOGRAM_BINS)
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={HISTOGRAMS: 0})
+    events.Reload()
+
+    def logged(key: str) -> float:
+        return client.get_metric_history(run_id, key)[-1].value
+
+    for name in RELU_LAYERS:
+        a = expl.activations[name]
+        assert logged(f"dead_share/{name}") == a.dead_share
+        assert logged(f"act_mean/{name}") == pytest.approx(a.stats.mean, rel=1e-9, abs=1e-12)
+        assert logged(f"act_std/{name}") == pytest.approx(a.stats.std, rel=1e-9)
+        counts = events.Histograms(f"activations/{name}")[-1].histogram_value.bucket
+        assert list(counts) == a.histogram.counts.tolist()
+    assert logged("dead_share/net.1") == 3 / 8
+    for name in WEIGHT_LAYERS:
+        w = expl.weights[name]
+        assert logged(f"weight_norm/{name}") == pytest.approx(w.stats.l2_norm, rel=1e-6)
+        counts = events.Histograms(f"weights/{name}")[-1].histogram_value.bucket
+        assert list(counts) == w.histogram.counts.tolist()
+
+
 def test_functional_activations_fall_back_to_the_layer_outputs(client: MlflowClient) -> None:
     class Functional(TinyNet):
         def __init__(self) -> None:

@@ -77,11 +77,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from mlflow_xai.errors import XAIError
-from mlflow_xai.inspect.hooks import LayerSelection, is_leaf, resolve_layers
-from mlflow_xai.inspect.modules import eval_mode, has_weight
+from mlflow_xai.inspect.hooks import LayerSelection, forward_hooks, is_leaf, resolve_layers
+from mlflow_xai.inspect.modules import eval_mode, has_weight, is_activation
+from mlflow_xai.inspect.stats import accumulation_dtype, l2_norm
 from mlflow_xai.monitor import alerts as rules
 from mlflow_xai.monitor import schedule
-from mlflow_xai.monitor.measure import HISTOGRAM_BINS, ActStats, acc_dtype, hist_rows, hooked, norm
+from mlflow_xai.monitor.measure import HISTOGRAM_BINS, ActStats, hist_rows
 from mlflow_xai.monitor.render import render_grid
 from mlflow_xai.monitor.sinks import (
     MlflowSink,
@@ -262,7 +263,7 @@ class XAIMonitor(Callback):
             # "Activations" are the activation modules' outputs; the Linear/Conv outputs
             # before them are pre-activations that would double the metrics. A network
             # with functional activations (F.relu) has none: its layers' outputs then.
-            acts = [(n, m) for n, m in chosen if _is_activation(m)] or chosen
+            acts = [(n, m) for n, m in chosen if is_activation(m)] or chosen
         self._weight_layers = [(n, m.weight) for n, m in chosen if has_weight(m)]
         self._act_modules = dict(acts)
         # Every leaf is hooked for its output's layout only, so a unit's dim follows the
@@ -353,9 +354,9 @@ class XAIMonitor(Callback):
             return
         params = [p for _, p in self._weight_layers]
         with torch.no_grad():
-            w_norm = torch.stack([norm(p) for p in params])
+            w_norm = torch.stack([l2_norm(p) for p in params])
             nan = w_norm.new_tensor(math.nan)
-            g_norm = torch.stack([norm(p.grad) if p.grad is not None else nan for p in params])
+            g_norm = torch.stack([l2_norm(p.grad) if p.grad is not None else nan for p in params])
             # Copies of only the trainable weights, only on measured steps: the update
             # size needs the weights before the step, which the optimizer changes in place.
             before = [p.detach().clone() if p.requires_grad else None for p in params]
@@ -393,7 +394,7 @@ class XAIMonitor(Callback):
         with torch.no_grad():
             nan = pending.w_norm.new_tensor(math.nan)
             u_norm = torch.stack(
-                [norm(p.detach() - b) if b is not None else nan for p, b in zip(params, pending.before, strict=False)]
+                [l2_norm(p.detach() - b) if b is not None else nan for p, b in zip(params, pending.before, strict=False)]
             )
             loss_bad = (
                 (~torch.isfinite(loss.detach())).any().to(u_norm.device, torch.float32).reshape(1)
@@ -420,14 +421,14 @@ class XAIMonitor(Callback):
         w_norm: Tensor | None = None
         if not self._measured_last_batch and self._weight_layers:
             with torch.no_grad():
-                w_norm = torch.stack([norm(p) for _, p in self._weight_layers])
+                w_norm = torch.stack([l2_norm(p) for _, p in self._weight_layers])
         self._measured_last_batch = False
         acts = self._activation_stats(trainer, pl_module, keep_outputs=histograms or page)
         vec = self._reduce(trainer, acts.vector, "sum") if acts is not None and acts.vector is not None else None
         if not self._logs:
             return
         parts = [t for t in (w_norm, vec) if t is not None]
-        acc = acc_dtype(parts[0].device) if parts else torch.float64
+        acc = accumulation_dtype(parts[0].device) if parts else torch.float64
         values = torch.cat([t.to(acc) for t in parts]).tolist() if parts else []  # one transfer
         n = 0 if w_norm is None else len(self._weight_layers)
         self._log_epoch_end(step, values[:n], values[n:], acts)
@@ -527,9 +528,9 @@ class XAIMonitor(Callback):
         if self._x is None or not self._act_modules:
             return None
         x = self._x if self._x.device == pl_module.device else self._x.to(pl_module.device)
-        stats = ActStats(acc_dtype(x.device), keep_outputs, frozenset(self._act_modules))
+        stats = ActStats(keep_outputs, frozenset(self._act_modules))
         with eval_mode(pl_module), torch.no_grad(), trainer.precision_plugin.forward_context():
-            with hooked(self._layout_modules, stats.hook):
+            with forward_hooks(self._layout_modules.items(), stats.hook):
                 pl_module(x)
         return stats.finish()
 
@@ -681,14 +682,6 @@ def _record_losses(record: TrainingRecord, trainer: Trainer, epoch: int, step: i
             record.add_loss(name, epoch, step, float(value))
 
 
-def _is_activation(module: nn.Module) -> bool:
-    # torch.nn.modules.activation holds ReLU, GELU, Tanh, Sigmoid, Softmax, ... and
-    # MultiheadAttention, which is a layer, not an activation.
-    return type(module).__module__ == "torch.nn.modules.activation" and not isinstance(
-        module, nn.MultiheadAttention
-    )
-
-
 def _default_layer(module: nn.Module) -> bool:
     """The modules ``layers=None`` picks: those with a weight, and the activations."""
-    return has_weight(module) or _is_activation(module)
+    return has_weight(module) or is_activation(module)

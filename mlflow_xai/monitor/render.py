@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mlflow_xai.inspect.stats import bin_range
+
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
@@ -28,7 +30,7 @@ class HistRow:
         self.counts = row[:bins]
         self.lo, self.hi, n, self.total, self.sum_squares, numel = (float(v) for v in row[bins:])
         self.n_finite, self.numel = int(n), int(numel)
-        lo, hi = (self.lo - 0.5, self.hi + 0.5) if self.lo == self.hi else (self.lo, self.hi)
+        lo, hi = bin_range(self.lo, self.hi)
         self.edges = np.linspace(lo, hi, bins + 1) if self.n_finite else np.zeros(bins + 1)
 
 
