@@ -14,24 +14,27 @@ What goes to the run (``<layer>`` is a qualified module name such as ``layers.0`
 LightningModule, or in its submodule ``module`` when one is given; a metric's step is
 ``trainer.global_step``, the number of optimizer steps taken before):
 
-* every ``log_every_n_steps`` optimizer steps, and on the last batch of each epoch, for
-  each layer with a ``weight`` parameter: ``weight_norm/<layer>`` (L2 norm of the
-  weight the gradient was computed on), ``grad_norm/<layer>`` (L2 norm of its gradient,
-  before any clipping) and ``update_ratio/<layer>`` (``||w_after - w_before|| /
-  ||w_before||`` of that optimizer step);
-* at each epoch end, on a fixed monitoring batch (the first training batch unless
-  ``monitor_batch`` is given; forward in eval mode without gradients, each module's
-  training flag restored): ``act_mean/<layer>`` and ``act_std/<layer>`` of the
-  activation modules' outputs (of the weight layers' outputs in a network whose
-  activations are functional), and ``dead_share/<layer>`` (share of units <= 0 for every
-  sample) for ``ReLU``/``ReLU6``;
+* at measured optimizer steps (by default as often as the budget below allows, and the
+  last batch of each measured epoch; ``log_every_n_steps=N``: every N steps and the
+  last batch of each epoch), for each layer with a ``weight`` parameter:
+  ``weight_norm/<layer>`` (L2 norm of the weight the gradient was computed on),
+  ``grad_norm/<layer>`` (L2 norm of its gradient, before any clipping) and
+  ``update_ratio/<layer>`` (``||w_after - w_before|| / ||w_before||`` of that step);
+* at measured epoch ends (the first and the last always, the others as the budget
+  allows; every epoch with ``log_every_n_steps`` given), on a fixed monitoring batch (the
+  first training batch unless ``monitor_batch`` is given; forward in eval mode without
+  gradients, each module's training flag restored): ``act_mean/<layer>`` and
+  ``act_std/<layer>`` of the activation modules' outputs (of the weight layers' outputs in
+  a network whose activations are functional), and ``dead_share/<layer>`` (share of
+  units <= 0 for every sample) for ``ReLU``/``ReLU6``: the numbers ``explain`` gives the
+  same layer on the same batch (:mod:`mlflow_xai.inspect` computes both);
 * every ``histogram_every_n_epochs`` epochs (counted from the first) and after the last
-  epoch; by default after the first epoch, after the last, and in between as often as
-  :data:`~mlflow_xai.monitor.schedule.HISTOGRAM_BUDGET` of the training time allows (at most about
-  :data:`~mlflow_xai.monitor.schedule.HISTOGRAM_SNAPSHOTS` per fit): an image per kind under the keys ``xai_weights``, ``xai_gradients`` (the epoch's last
-  measured gradient) and ``xai_activations`` with ``step = epoch``, which the MLflow UI's
-  image view steps through, and the same histograms in every ``TensorBoardLogger`` of
-  the trainer as ``weights/<layer>``, ``gradients/<layer>``, ``activations/<layer>``;
+  epoch; by default as often as the budget allows, at most about
+  :data:`~mlflow_xai.monitor.schedule.HISTOGRAM_SNAPSHOTS` per fit: an image per kind
+  under the keys ``xai_weights``, ``xai_gradients`` (the epoch's last measured gradient)
+  and ``xai_activations`` with ``step = epoch``, which the MLflow UI's image view steps
+  through, and the same histograms in every ``TensorBoardLogger`` of the trainer as
+  ``weights/<layer>``, ``gradients/<layer>``, ``activations/<layer>``;
 * alerts (thresholds in :mod:`mlflow_xai.monitor.alerts`): the metric ``alert/<kind>`` = 1 at each step where the
   condition holds and, once, when first seen, a warning line and the run tags
   ``mlflow_xai.alert.<kind> = 'true'``, ``mlflow_xai.alert.<kind>.first_layer`` and
@@ -46,17 +49,21 @@ LightningModule, or in its submodule ``module`` when one is given; a metric's st
   per fit, and after the last epoch (no drawing: a few small tensor ops per layer).
 
 Cost: statistics are computed on the training device; only scalars and histogram counts
-leave it, once per measured step. Metrics are buffered and written with ``log_batch``
+leave it, once per measurement; the loss is checked for NaN/Inf at every step without a
+host sync on an accelerator (a device flag, read when the monitor measures anyway; the
+alert names the first bad step). Metrics are buffered and written with ``log_batch``
 calls that each carry whole steps (never one call per metric), every
-:data:`~mlflow_xai.monitor.sinks.FLUSH_EVERY_S` seconds, when an alert fires, and when training ends; the MLflow
-calls run on one background thread, so a slow or remote tracking server does not stall
-training, and ``fit`` returns only after everything is written. The histogram snapshots
-are the expensive part (three images drawn with Pillow, ~5 ms each, and stored as palette PNGs, ~15 ms
-each with a local store): the default spaces them by their measured cost, so that they
-take about :data:`~mlflow_xai.monitor.schedule.HISTOGRAM_BUDGET` of the training time, however short the epochs.
+:data:`~mlflow_xai.monitor.sinks.FLUSH_EVERY_S` seconds, when an alert fires, and when
+training ends; the MLflow calls run on one background thread, so a slow or remote
+tracking server does not stall training, and ``fit`` returns only after everything is
+written. By default the monitor's whole cost (its time in the loop, and its writer's
+CPU time for the rows and images it produced) stays within
+:data:`~mlflow_xai.monitor.schedule.BUDGET` (3%) of the fit's wall time, however short
+the epochs: :mod:`mlflow_xai.monitor.schedule` says when.
 
 DDP: every rank computes the statistics and takes part in one all-reduce per measured
-step and one per epoch end (weights, gradients and updates are replicated, so their mean
+step and one per measured epoch end, and receives rank 0's budget decision (one
+broadcast per measurement) (weights, gradients and updates are replicated, so their mean
 is their value; the activation statistics are pooled over the ranks' monitoring
 batches); only global rank 0 logs. Activation histograms show rank 0's batch. Sharded
 strategies (FSDP, DeepSpeed) are not supported: the norms would be of a shard.
@@ -82,7 +89,7 @@ from mlflow_xai.inspect.modules import eval_mode, has_weight, is_activation
 from mlflow_xai.inspect.stats import accumulation_dtype, l2_norm
 from mlflow_xai.monitor import alerts as rules
 from mlflow_xai.monitor import schedule
-from mlflow_xai.monitor.measure import HISTOGRAM_BINS, ActStats, hist_rows
+from mlflow_xai.monitor.measure import HISTOGRAM_BINS, ActStats, NonFiniteWatch, hist_rows
 from mlflow_xai.monitor.render import render_grid
 from mlflow_xai.monitor.sinks import (
     MlflowSink,
@@ -129,13 +136,20 @@ class XAIMonitor(Callback):
             ``mlflow.get_tracking_uri()``, read when the monitor is created (so spawned
             DDP processes log to the same store).
         log_every_n_steps: Measure gradients, weights and updates every this many
-            optimizer steps (and on each epoch's last batch).
+            optimizer steps and on each epoch's last batch, and the activation statistics
+            at every epoch end. ``None``: as often as the budget allows (see below).
         histogram_every_n_epochs: Log histogram images every this many epochs, counted
-            from the first, and after the last; 0 turns histograms off. ``None``: after
-            the first and the last epoch, and in between at most every
-            ``ceil(max_epochs / 10)`` epochs (10 when ``max_epochs`` is unbounded) and no
-            more often than :data:`~mlflow_xai.monitor.schedule.HISTOGRAM_BUDGET` of the
-            training time allows.
+            from the first, and after the last; 0 turns histograms off. ``None``: as
+            often as the budget allows, at most every ``ceil(max_epochs / 10)`` epochs
+            (10 when ``max_epochs`` is unbounded).
+
+    The budget (the defaults): the monitor's own cost (its time in the training loop and
+    the CPU time of its writer thread) stays within
+    :data:`~mlflow_xai.monitor.schedule.BUDGET` (3%) of the fit's wall time: step
+    scalars, epoch-end statistics and images each get a third, and the next measurement
+    of a kind is taken once what the kind spent so far, plus what its last measurement
+    cost, fits (:mod:`mlflow_xai.monitor.schedule`). The first and the last epoch's ends
+    are always measured; the loss is checked for NaN/Inf at every step.
         monitor_batch: Inputs for the activation statistics, passed as
             ``pl_module(monitor_batch)``. Default: the inputs of the first training batch
             (a tensor batch, or the first element of a tuple/list batch).
@@ -169,7 +183,7 @@ class XAIMonitor(Callback):
         self,
         run_id: str | None = None,
         tracking_uri: str | None = None,
-        log_every_n_steps: int = 50,
+        log_every_n_steps: int | None = None,
         histogram_every_n_epochs: int | None = None,
         monitor_batch: Tensor | None = None,
         layers: LayerSelection = None,
@@ -181,8 +195,13 @@ class XAIMonitor(Callback):
         super().__init__()
         if module is not None and (not isinstance(module, str) or not module):
             raise XAIError(f"module must be a submodule's qualified name such as 'net', got {module!r}")
-        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
-            raise XAIError(f"log_every_n_steps must be an integer >= 1, got {log_every_n_steps!r}")
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1
+        ):
+            raise XAIError(
+                "log_every_n_steps must be None (as often as the budget allows) or an integer >= 1, "
+                f"got {log_every_n_steps!r}"
+            )
         if histogram_every_n_epochs is not None and (
             isinstance(histogram_every_n_epochs, bool)
             or not isinstance(histogram_every_n_epochs, int)
@@ -235,8 +254,17 @@ class XAIMonitor(Callback):
         self._weight_norm_step = -1  # the step whose weight_norm is already logged
         self._last_epoch = -1  # the last epoch whose end the monitor saw
         self._histogram_logged_epoch = -1
-        self._snapshot_done = 0.0  # perf_counter when the last snapshot's drawing ended
-        self._snapshot_cost = 0.0  # its seconds in the loop, plus the writer's storing
+        self._t0: float | None = None  # perf_counter when training started
+        self._spent = {kind: 0.0 for kind in schedule.SHARES}  # seconds each kind has cost
+        self._cost: dict[str, float | None] = {kind: None for kind in schedule.SHARES}  # the last one's
+        self._step_due = 0  # the next step the budget affords (default cadence)
+        self._epoch_due = 0  # ... and the next epoch end
+        self._epoch_measured = False  # this epoch's end is measured
+        self._images_decided = (-1, False)  # (epoch, whether it gets images)
+        self._snapshots = 0  # histogram snapshots taken
+        self._pending_seconds = 0.0  # the loop time of the pending step's first half
+        self._loss_watch = NonFiniteWatch()
+        self._batch_step = 0
         self._flush_soon = False  # an alert fired: write at the end of this step
         self._record: TrainingRecord | None = None  # the training page's data (rank 0)
 
@@ -317,6 +345,24 @@ class XAIMonitor(Callback):
                 f"its direct submodules are {children}"
             ) from None
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._t0 = time.perf_counter()  # the budget is a share of the wall time from here
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._active:
+            return
+        epoch = trainer.current_epoch
+        every = self.histogram_every_n_epochs
+        # Decided alike on every rank (no clock read here): it decides the collectives.
+        self._epoch_measured = schedule.epoch_due(
+            epoch, explicit=self.log_every_n_steps is not None, last=self._is_last_epoch(trainer),
+            images=bool(every) and (epoch % every == 0 or self._is_last_epoch(trainer)), due=self._epoch_due,
+        )
+
+    @staticmethod
+    def _is_last_epoch(trainer: Trainer) -> bool:
+        return trainer.max_epochs is not None and trainer.max_epochs > 0 and trainer.current_epoch + 1 >= trainer.max_epochs
+
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -324,10 +370,11 @@ class XAIMonitor(Callback):
             return
         if self._x is None:
             self._capture_batch(batch)
+        self._batch_step = trainer.global_step  # the step this batch's loss belongs to
         self._last_grads = []  # training goes on: the last snapshot will not need them
         n = trainer.num_training_batches
-        # The last batch of an epoch is always measured, so every epoch has gradient
-        # statistics (and its gradient histogram) even when it is shorter than N steps.
+        # The last batch of an epoch: its gradients are the epoch's (histograms), and
+        # with log_every_n_steps given it is measured, so every epoch has step statistics.
         self._is_last_batch = n != float("inf") and batch_idx + 1 >= n
 
     def _capture_batch(self, batch: Any) -> None:
@@ -349,9 +396,18 @@ class XAIMonitor(Callback):
         """Measure weights and gradients just before the optimizer changes the weights."""
         if not self._active or self._pending is not None or not self._weight_layers:
             return  # (a second optimizer on the same batch: measured once, on the first)
+        if self._is_last_batch and self._logs and (self.histogram_every_n_epochs != 0 or self._record is not None):
+            # References, not copies: before validation Lightning sets .grad to None
+            # (on_validation_model_zero_grad), and if this epoch turns out to be the last
+            # (early stopping), the snapshot at on_train_end still has its gradients.
+            # Dropped when the next batch starts, so they never coexist with the next
+            # step's gradients.
+            self._last_grads = [(n, p.grad) for n, p in self._weight_layers if p.grad is not None]
         step = trainer.global_step
-        if step % self.log_every_n_steps != 0 and not self._is_last_batch:
+        if not schedule.step_due(step, every=self.log_every_n_steps, last_batch=self._is_last_batch,
+                                 due=self._step_due):
             return
+        started = time.perf_counter()
         params = [p for _, p in self._weight_layers]
         with torch.no_grad():
             w_norm = torch.stack([l2_norm(p) for p in params])
@@ -362,20 +418,14 @@ class XAIMonitor(Callback):
             before = [p.detach().clone() if p.requires_grad else None for p in params]
         self._pending = _Pending(step, w_norm, g_norm, [p.grad is not None for p in params], before)
         self._measured_last_batch = self._is_last_batch
-        if self._is_last_batch and self._logs and (self._every(trainer) != 0 or self._record is not None):
-            # References, not copies: before validation Lightning sets .grad to None
-            # (on_validation_model_zero_grad), and if this epoch turns out to be the last,
-            # the snapshot at on_train_end still has its gradients. Dropped when the next
-            # batch starts, so they never coexist with the next step's gradients.
-            self._last_grads = [(n, p.grad) for n, p in self._weight_layers if p.grad is not None]
-        if self._logs and (self._histogram_epoch(trainer) or self._page_epoch(trainer)) and (
-            self._is_last_batch or trainer.num_training_batches == float("inf")
+        if self._logs and self._epoch_measured and trainer.num_training_batches == float("inf") and (
+            self._images_epoch(trainer) or self._page_epoch(trainer)
         ):
-            # Bin the epoch's gradients now, while they exist (the next zero_grad drops
-            # them); only the counts leave the device.
-            grads = [(n, p.grad) for n, p in self._weight_layers if p.grad is not None]
-            if grads:
-                self._grad_hist = ([n for n, _ in grads], hist_rows([g for _, g in grads]))
+            # An epoch of unknown length: bin the gradients of each measured step now,
+            # while they exist (the next zero_grad drops them); the epoch's last measured
+            # one is the snapshot's. (An epoch of known length bins its last batch's at its end.)
+            self._bin_gradients([(n, p.grad) for n, p in self._weight_layers if p.grad is not None])
+        self._pending_seconds = time.perf_counter() - started
 
     def on_train_batch_end(
         self,
@@ -385,12 +435,15 @@ class XAIMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        """Finish a measured step: the update size, the loss check, one transfer, log."""
+        """Check the loss; finish a measured step: the update size, one transfer, log."""
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if self._logs and isinstance(loss, Tensor):
+            self._loss_watch.update(loss, self._batch_step)
         pending, self._pending = self._pending, None
         if pending is None:
             return  # unmeasured steps cost nothing but the checks above
+        started = time.perf_counter()
         params = [p for _, p in self._weight_layers]
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         with torch.no_grad():
             nan = pending.w_norm.new_tensor(math.nan)
             u_norm = torch.stack(
@@ -402,11 +455,13 @@ class XAIMonitor(Callback):
                 else u_norm.new_zeros(1)
             )
             vec = self._reduce(trainer, torch.cat([pending.w_norm, pending.g_norm, u_norm, loss_bad]), "mean")
-        if not self._logs:
-            return
-        values = vec.tolist()  # the one device-to-host transfer of this step
-        n = len(params)
-        self._log_step(pending, values[:n], values[n : 2 * n], values[2 * n : 3 * n], values[-1] > 0)
+        if self._logs:
+            values = vec.tolist()  # the one device-to-host transfer of this step
+            n = len(params)
+            rows = self._log_step(pending, values[:n], values[n : 2 * n], values[2 * n : 3 * n], values[-1] > 0)
+            self._charge("step", self._pending_seconds + time.perf_counter() - started, rows)
+        if self.log_every_n_steps is None:
+            self._step_due = self._next_due(trainer, "step", pending.step + 1)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Activation statistics on the monitoring batch, histograms, a due flush."""
@@ -414,60 +469,71 @@ class XAIMonitor(Callback):
             return
         self._pending = None  # a measured step whose batch end never came
         step, epoch = trainer.global_step, trainer.current_epoch
-        histograms = self._logs and self._histogram_epoch(trainer)
+        if self._logs and self._record is not None:
+            _record_losses(self._record, trainer, epoch, step)  # cheap: numbers Lightning holds
+        self._last_epoch = epoch
+        if self._logs:
+            self._check_loss()
+        measured, self._epoch_measured = self._epoch_measured, False
+        if not measured:
+            self._measured_last_batch = False
+            return
+        started = time.perf_counter()
+        histograms = self._logs and self._images_epoch(trainer)
         page = self._logs and self._page_epoch(trainer)
         # Weight norms belong to the measured steps; only an epoch whose last batch was
         # not measured (an iterable loader of unknown length) gets them here.
         w_norm: Tensor | None = None
-        if not self._measured_last_batch and self._weight_layers:
+        if not self._measured_last_batch and trainer.num_training_batches == float("inf") and self._weight_layers:
             with torch.no_grad():
                 w_norm = torch.stack([l2_norm(p) for _, p in self._weight_layers])
         self._measured_last_batch = False
         acts = self._activation_stats(trainer, pl_module, keep_outputs=histograms or page)
         vec = self._reduce(trainer, acts.vector, "sum") if acts is not None and acts.vector is not None else None
-        if not self._logs:
-            return
-        parts = [t for t in (w_norm, vec) if t is not None]
-        acc = accumulation_dtype(parts[0].device) if parts else torch.float64
-        values = torch.cat([t.to(acc) for t in parts]).tolist() if parts else []  # one transfer
-        n = 0 if w_norm is None else len(self._weight_layers)
-        self._log_epoch_end(step, values[:n], values[n:], acts)
-        if self._record is not None:
-            _record_losses(self._record, trainer, epoch, step)
-        if histograms or page:
-            started = time.perf_counter()
-            kinds = self._histogram_kinds(acts)
+        if self._logs:
+            parts = [t for t in (w_norm, vec) if t is not None]
+            acc = accumulation_dtype(parts[0].device) if parts else torch.float64
+            values = torch.cat([t.to(acc) for t in parts]).tolist() if parts else []  # one transfer
+            n = 0 if w_norm is None else len(self._weight_layers)
+            rows = self._log_epoch_end(step, values[:n], values[n:], acts)
+            if (histograms or page) and self._last_grads:
+                self._bin_gradients(self._last_grads)
+            kinds = self._histogram_kinds(acts) if histograms or page else {}
             if page and self._record is not None:
                 self._record.add_histograms(epoch, step, kinds)
+            self._charge("epoch", time.perf_counter() - started, rows)
             if histograms:
-                self._log_histograms(trainer, epoch, step, kinds, started)
-        self._last_epoch = epoch
-        if self._sink is not None:
-            self._sink.flush_if_due()
+                self._log_histograms(trainer, epoch, step, kinds)
+            if self._sink is not None:
+                self._sink.flush_if_due()
+        if self.log_every_n_steps is None:
+            self._epoch_due = self._next_due(trainer, "epoch", epoch + 1)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """A last histogram snapshot when the last epoch (early stopping, say) had none."""
         epoch = self._last_epoch
         if not self._logs or epoch < 0:
             return
-        images = self._every(trainer) != 0 and epoch != self._histogram_logged_epoch
+        self._check_loss()
+        every = self.histogram_every_n_epochs
+        if every is None:  # default images: the last epoch's too only as the budget allows
+            images = epoch != self._histogram_logged_epoch and self._images_affordable(trainer, last=True)
+        else:
+            images = every != 0 and epoch != self._histogram_logged_epoch
         page = self._record is not None and not self._record.has_snapshot(epoch)
         if not (images or page):
             return
-        started = time.perf_counter()
         # The final step's gradients: still in .grad without a validation loop (zero_grad
         # runs before a step), else the references kept at the epoch's last batch.
-        grads = [(n, p.grad) for n, p in self._weight_layers if p.grad is not None] or self._last_grads
+        self._bin_gradients([(n, p.grad) for n, p in self._weight_layers if p.grad is not None] or self._last_grads)
         self._last_grads = []
-        if grads:
-            self._grad_hist = ([n for n, _ in grads], hist_rows([g for _, g in grads]))
         # Rank 0 alone: this forward feeds only the activation histogram, no collective.
         acts = self._activation_stats(trainer, pl_module, keep_outputs=True)
         kinds = self._histogram_kinds(acts)
         if page and self._record is not None:
             self._record.add_histograms(epoch, trainer.global_step, kinds)
         if images:
-            self._log_histograms(trainer, epoch, trainer.global_step, kinds, started)
+            self._log_histograms(trainer, epoch, trainer.global_step, kinds)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._write_page()
@@ -475,6 +541,8 @@ class XAIMonitor(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         # What was measured up to a crash (a NaN, say) is what the user needs most.
+        if self._logs:
+            self._check_loss()
         self._write_page()
         self.flush()
         self._close_sink()
@@ -487,21 +555,69 @@ class XAIMonitor(Callback):
             self._last_grads = []
             self._x = None  # a monitor kept after fit should not pin a device batch
 
-    # ---------------------------------------------------------- measurement
+    # -------------------------------------------------------------- budget
 
-    def _every(self, trainer: Trainer) -> int:
-        if self.histogram_every_n_epochs is not None:
-            return self.histogram_every_n_epochs
-        return schedule.auto_every(trainer.max_epochs)
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self._t0 if self._t0 is not None else 0.0
 
-    def _histogram_epoch(self, trainer: Trainer) -> bool:
-        # Decided on rank 0 alone: it only changes what rank 0 keeps, no collective.
-        cost = self._snapshot_cost + (self._sink.image_seconds if self._sink is not None else 0.0)
-        return schedule.histogram_due(
-            trainer.current_epoch, self._every(trainer), explicit=self.histogram_every_n_epochs is not None,
-            last_logged=self._histogram_logged_epoch, since_last_s=time.perf_counter() - self._snapshot_done,
-            cost_s=cost, budget=schedule.HISTOGRAM_BUDGET,
+    def _row_cost(self) -> float:
+        return self._sink.row_cost() if self._sink is not None else 0.0
+
+    def _charge(self, kind: str, loop_seconds: float, rows: int) -> None:
+        """Count a measurement's cost: its seconds in the loop, and the writer's CPU
+        seconds for its rows (measured per row, or :data:`schedule.ROW_COST_GUESS`)."""
+        cost = loop_seconds + rows * self._row_cost()
+        self._spent[kind] += cost
+        self._cost[kind] = cost
+
+    def _next_due(self, trainer: Trainer, kind: str, done: int) -> int:
+        """The next step (or epoch) of ``kind`` the budget affords; rank 0's answer on every rank."""
+        due = done
+        if self._logs:
+            due = schedule.next_due(done, self._spent[kind], self._cost[kind] or 0.0, self._elapsed(),
+                                    share=schedule.SHARES[kind])
+        if trainer.world_size > 1:
+            # Once per measurement, which the budget makes rare: every rank must measure
+            # the same steps, or their collectives would not meet.
+            due = int(trainer.strategy.broadcast(due, src=0))
+        return due
+
+    def _images_epoch(self, trainer: Trainer) -> bool:
+        """Whether this epoch gets histogram images; decided once per epoch, on rank 0
+        alone (it only changes what rank 0 keeps, no collective)."""
+        epoch = trainer.current_epoch
+        if self._images_decided[0] != epoch:
+            every = self.histogram_every_n_epochs
+            if every is not None:
+                due = every > 0 and (epoch % every == 0 or self._is_last_epoch(trainer))
+            else:
+                due = self._images_affordable(trainer, last=self._is_last_epoch(trainer))
+            self._images_decided = (epoch, due)
+        return self._images_decided[1]
+
+    def _images_affordable(self, trainer: Trainer, last: bool) -> bool:
+        sink = self._sink
+        if sink is None or sink.error is not None:
+            return False
+        store = sink.image_cost()
+        spent = self._spent["images"] + store * self._snapshots * len(IMAGE_KEYS)
+        cost = None if self._cost["images"] is None else self._cost["images"] + store * len(IMAGE_KEYS)
+        return schedule.images_due(
+            trainer.current_epoch, every=None, last=last, last_logged=self._histogram_logged_epoch,
+            spacing=schedule.auto_every(trainer.max_epochs), spent=spent, cost=cost, elapsed=self._elapsed(),
+            share=schedule.SHARES["images"],
         )
+
+    def _check_loss(self) -> None:
+        """Alert on the first NaN/Inf loss since the last check, at the step it happened."""
+        step = self._loss_watch.first_step()
+        if step is None or "nan" in self.alerts:
+            return
+        metrics: dict[str, float] = {}
+        self._alert(rules.Alert("nan", "loss", "NaN/Inf loss"), step, metrics)
+        self._emit(step, metrics)
+
+    # ---------------------------------------------------------- measurement
 
     def _page_epoch(self, trainer: Trainer) -> bool:
         """An epoch whose histogram counts the training page keeps (rank 0 alone)."""
@@ -538,7 +654,8 @@ class XAIMonitor(Callback):
 
     def _log_step(
         self, p: _Pending, w: list[float], g: list[float], u: list[float], loss_nonfinite: bool
-    ) -> None:
+    ) -> int:
+        """Log one measured step's metrics and alerts; returns the number of metric rows."""
         metrics: dict[str, float] = {}
         log_w = p.step != self._weight_norm_step
         self._weight_norm_step = p.step
@@ -555,15 +672,20 @@ class XAIMonitor(Callback):
                 metrics[f"update_ratio/{key}"] = u[i] / w[i]
             if math.isfinite(g[i]):
                 self._history.add(name, g[i])
+        first_bad_loss = self._loss_watch.first_step()
+        if first_bad_loss is not None and first_bad_loss < p.step:
+            self._check_loss()  # an earlier step's loss: alerted at that step
         events = rules.step_alerts(
-            names, w, g, p.has_grad, medians, loss_nonfinite=loss_nonfinite,
+            names, w, g, p.has_grad, medians, loss_nonfinite=loss_nonfinite or first_bad_loss == p.step,
             grads_may_overflow=self._grads_may_overflow, nan_seen="nan" in self.alerts, order=self._rank,
         )
         for event in events:
             self._alert(event, p.step, metrics)
         self._emit(p.step, metrics)
+        return len(metrics)
 
-    def _log_epoch_end(self, step: int, w: list[float], a: list[float], acts: ActStats | None) -> None:
+    def _log_epoch_end(self, step: int, w: list[float], a: list[float], acts: ActStats | None) -> int:
+        """Log one measured epoch end's metrics and alerts; returns the number of metric rows."""
         metrics: dict[str, float] = {}
         weights: dict[str, float] = {}
         if w and step != self._weight_norm_step:
@@ -581,6 +703,7 @@ class XAIMonitor(Callback):
         for event in rules.epoch_alerts(weights, summary, nan_seen="nan" in self.alerts, order=self._rank):
             self._alert(event, step, metrics)
         self._emit(step, metrics)
+        return len(metrics)
 
     def _alert(self, event: rules.Alert, step: int, metrics: dict[str, float]) -> None:
         metrics[f"alert/{event.kind}"] = 1.0
@@ -643,6 +766,11 @@ class XAIMonitor(Callback):
             return
         sink.log_text(html, TRAINING_PAGE_PATH)
 
+    def _bin_gradients(self, grads: list[tuple[str, Tensor]]) -> None:
+        """The histogram rows of the epoch's gradients (only the counts leave the device)."""
+        if grads:
+            self._grad_hist = ([n for n, _ in grads], hist_rows([g for _, g in grads]))
+
     def _histogram_kinds(self, acts: ActStats | None) -> dict[str, tuple[list[str], np.ndarray]]:
         """This snapshot's histogram rows per kind; the epoch's gradient rows are used up."""
         kinds: dict[str, tuple[list[str], np.ndarray]] = {}
@@ -659,20 +787,20 @@ class XAIMonitor(Callback):
         return kinds
 
     def _log_histograms(self, trainer: Trainer, epoch: int, step: int,
-                        kinds: Mapping[str, tuple[list[str], np.ndarray]], started: float) -> None:
+                        kinds: Mapping[str, tuple[list[str], np.ndarray]]) -> None:
+        started = time.perf_counter()
         self._histogram_logged_epoch = epoch
         if self.tensorboard:
             TensorBoardSink(trainer).log_histograms(kinds, step)
         sink = self._sink
         if sink is not None and sink.error is None:
-            sink.image_seconds = 0.0
             for kind, (names, rows) in kinds.items():
                 # Drawn here (CPU-bound Python: a thread would only contend for the GIL);
                 # encoded and stored by the writer, off the training loop.
                 sink.log_image(render_grid(f"{kind} - epoch {epoch}, step {step}", names, rows),
                                IMAGE_KEYS[kind], epoch)
-        self._snapshot_done = time.perf_counter()
-        self._snapshot_cost = self._snapshot_done - started
+        self._snapshots += 1
+        self._charge("images", time.perf_counter() - started, 0)
 
 
 def _record_losses(record: TrainingRecord, trainer: Trainer, epoch: int, step: int) -> None:

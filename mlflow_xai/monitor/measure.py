@@ -23,7 +23,7 @@ from mlflow_xai.inspect.hooks import first_tensor
 from mlflow_xai.inspect.modules import RELU_FAMILY, dead_units, unit_dim
 from mlflow_xai.inspect.stats import histogram_rows, moment_sums
 
-__all__ = ["HISTOGRAM_BINS", "ActStats", "hist_rows"]
+__all__ = ["HISTOGRAM_BINS", "ActStats", "NonFiniteWatch", "hist_rows"]
 
 #: Equal-width bins of each per-layer histogram (finite values, min to max).
 HISTOGRAM_BINS = 40
@@ -108,3 +108,58 @@ class ActStats:
                 dead = sum(1 for v in values[off : off + k] if v == 0) / k
             out[name] = (mean, std, dead)
         return out
+
+
+class NonFiniteWatch:
+    """Watches the loss of every step for NaN/Inf, without a host sync per step.
+
+    On an accelerator, reading the loss each step would wait for the step to finish; the
+    watch keeps, on the device, the index of the first bad step since the last check,
+    and :meth:`first_step` reads it once, when the monitor measures anyway. A CPU loss
+    costs nothing to read and is checked at once. Either way :meth:`first_step` names the
+    first step whose loss was not finite.
+
+    Example:
+        >>> watch = NonFiniteWatch(on_device=True)
+        >>> for step, loss in enumerate([1.0, float("nan"), float("inf")]):
+        ...     watch.update(torch.tensor(loss), step)
+        >>> watch.first_step()
+        1
+    """
+
+    def __init__(self, on_device: bool | None = None) -> None:
+        self._on_device = on_device  # None: by the loss's device; True: always accumulate
+        self._first: int | None = None
+        self._index: Tensor | None = None  # first bad position in _steps, -1 for none
+        self._count: Tensor | None = None  # positions seen since the last check
+        self._steps: list[int] = []
+
+    def update(self, loss: Tensor, step: int) -> None:
+        """Look at ``step``'s loss."""
+        if self._first is not None:
+            return
+        loss = loss.detach()
+        if not (self._on_device or (self._on_device is None and loss.device.type != "cpu")):
+            # Reading a CPU number costs no sync; .item() is the cheapest way for a scalar.
+            finite = math.isfinite(loss.item()) if loss.numel() == 1 else bool(torch.isfinite(loss).all())
+            if not finite:
+                self._first = step
+            return
+        bad = ~torch.isfinite(loss).all()
+        if self._index is None or self._count is None:
+            self._index = torch.full((), -1, dtype=torch.int64, device=loss.device)
+            self._count = torch.zeros((), dtype=torch.int64, device=loss.device)
+        self._index = torch.where(bad & (self._index < 0), self._count, self._index)
+        self._count += 1
+        self._steps.append(step)
+
+    def first_step(self) -> int | None:
+        """The first step with a NaN/Inf loss seen so far, or None (one host sync)."""
+        if self._first is None and self._index is not None and self._steps:
+            i = int(self._index.item())
+            if i >= 0:
+                self._first = self._steps[i]
+            else:
+                self._count.zero_()  # type: ignore[union-attr]
+                self._steps = []
+        return self._first

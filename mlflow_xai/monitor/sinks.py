@@ -12,12 +12,13 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mlflow_xai.errors import XAIError
 from mlflow_xai.monitor.render import HistRow, paletted
+from mlflow_xai.monitor.schedule import ROW_COST_GUESS
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -81,10 +82,14 @@ def resolve_run(trainer: Trainer, run_id: str | None, tracking_uri: str | None) 
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow.exceptions import MlflowException
 
+    active = mlflow.active_run()
+    if active is not None and run_id in (None, active.info.run_id) and (
+        tracking_uri is None or tracking_uri == mlflow.get_tracking_uri()
+    ):
+        # The active run exists and is running: MLflow checked that when it started it.
+        return mlflow.MlflowClient(), active.info.run_id
     if run_id is not None:
         client, where = mlflow.MlflowClient(tracking_uri), "run_id"
-    elif (active := mlflow.active_run()) is not None:
-        client, run_id, where = mlflow.MlflowClient(), active.info.run_id, "the active run"
     else:
         logger = next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
         if logger is None:
@@ -131,8 +136,9 @@ class MlflowSink:
     def __init__(self, client: MlflowClient, run_id: str, warning: type[Warning] = UserWarning) -> None:
         self.client, self.run_id = client, run_id
         self.error: BaseException | None = None
-        self.image_seconds = 0.0  # what storing the images handed over since the last reset took
-        self.busy_seconds = 0.0  # what every call on the writer thread took, in all
+        # CPU seconds of the writer thread (its share of the GIL and the cores), for the budget:
+        self._rows, self._row_cpu = 0, 0.0  # metric rows written, and what their calls took
+        self._images, self._image_cpu = 0, 0.0  # images stored, and what that took
         self._warning = warning
         self._warned = False
         self._buffer: list[Metric] = []
@@ -172,12 +178,28 @@ class MlflowSink:
 
             tags = [RunTag(k, v) for k, v in self._tags.items()]
             for i, chunk in enumerate(chunks_by_step(self._buffer, MAX_METRICS_PER_CALL) or [[]]):
-                self._submit(lambda c=chunk, t=(tags if i == 0 else []): self.client.log_batch(
-                    self.run_id, metrics=c, tags=t))
+                self._submit(lambda c=chunk, t=(tags if i == 0 else []): self._log_batch(c, t))
             self._buffer, self._tags = [], {}
         if wait:
             self._jobs.join()
         self.warn_failure()
+
+    def _log_batch(self, metrics: list[Metric], tags: list[Any]) -> None:
+        started = time.thread_time()
+        try:
+            self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
+        finally:
+            self._row_cpu += time.thread_time() - started
+            self._rows += len(metrics)
+
+    def row_cost(self) -> float:
+        """CPU seconds the writer spends per metric row (calls included), as measured once
+        a few hundred rows were written, else ``ROW_COST_GUESS``."""
+        return self._row_cpu / self._rows if self._rows >= 200 else ROW_COST_GUESS
+
+    def image_cost(self) -> float:
+        """CPU seconds the writer spends per image (encoding, storing); 0 before the first."""
+        return self._image_cpu / self._images if self._images else 0.0
 
     # ----------------------------------------------------------- artifacts
 
@@ -187,9 +209,12 @@ class MlflowSink:
         self._submit(lambda: self._store_image(image, key, step))
 
     def _store_image(self, image: PILImage, key: str, step: int) -> None:
-        started = time.perf_counter()
-        self.client.log_image(self.run_id, paletted(image), key=key, step=step)
-        self.image_seconds += time.perf_counter() - started
+        started = time.thread_time()
+        try:
+            self.client.log_image(self.run_id, paletted(image), key=key, step=step)
+        finally:
+            self._image_cpu += time.thread_time() - started
+            self._images += 1
 
     def log_text(self, text: str, path: str) -> None:
         """Store ``text`` as the artifact ``path``, on the writer thread."""
@@ -208,11 +233,7 @@ class MlflowSink:
                 if job is None:
                     return
                 if self.error is None:
-                    started = time.perf_counter()
-                    try:
-                        self._run(job)
-                    finally:
-                        self.busy_seconds += time.perf_counter() - started
+                    self._run(job)
             except Exception as e:  # noqa: BLE001 - any store failure: keep it, go on
                 self.error = e
             finally:
