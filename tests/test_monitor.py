@@ -667,6 +667,26 @@ def test_a_nonfinite_loss_is_named_at_its_first_step(on_device: bool | None) -> 
     assert watch.first_step() == 6
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_loss_watch_never_syncs_and_the_histograms_are_explains() -> None:
+    from mlflow_xai.inspect.stats import histogram
+    from mlflow_xai.monitor.measure import NonFiniteWatch
+
+    watch = NonFiniteWatch()
+    losses = [torch.tensor(v, device="cuda") for v in (1.0, 2.0, math.nan, math.inf)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync raises
+    try:
+        for step, loss in enumerate(losses):
+            watch.update(loss, step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert watch.first_step() == 2
+    big = torch.randn(4200, 4200, device="cuda")  # more than one of explain's CUDA chunks
+    big[0, 0], big[1, 1] = math.nan, math.inf
+    np.testing.assert_array_equal(_hist_rows([big], bins=40)[0, :40], histogram(big, bins=40).counts)
+
+
 def test_given_frequencies_are_obeyed_exactly_and_defaults_measure_the_first_and_last_epoch(
     client: MlflowClient,
 ) -> None:

@@ -31,7 +31,7 @@ from mlflow_xai.monitor.alerts import (
 from mlflow_xai.monitor.callback import TRAINING_PAGE_PATH, XAIMonitor, XAIMonitorWarning
 from mlflow_xai.monitor.measure import HISTOGRAM_BINS, hist_rows
 from mlflow_xai.monitor.render import paletted, render_grid
-from mlflow_xai.monitor.schedule import HISTOGRAM_BUDGET, HISTOGRAM_SNAPSHOTS
+from mlflow_xai.monitor.schedule import BUDGET, HISTOGRAM_BUDGET, HISTOGRAM_SNAPSHOTS
 from mlflow_xai.monitor.sinks import FLUSH_EVERY_S, answer_cut_off, chunks_by_step
 
 # The names these helpers had when the monitor was one module (tests and notebooks use them).
@@ -42,6 +42,7 @@ _render_grid = render_grid
 
 __all__ = [
     "ALERT_KINDS",
+    "BUDGET",
     "DEAD_SHARE_ALERT",
     "EXPLODING_FACTOR",
     "EXPLODING_GRAD_NORM",

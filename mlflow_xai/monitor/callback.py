@@ -14,9 +14,8 @@ What goes to the run (``<layer>`` is a qualified module name such as ``layers.0`
 LightningModule, or in its submodule ``module`` when one is given; a metric's step is
 ``trainer.global_step``, the number of optimizer steps taken before):
 
-* at measured optimizer steps (by default as often as the budget below allows, and the
-  last batch of each measured epoch; ``log_every_n_steps=N``: every N steps and the
-  last batch of each epoch), for each layer with a ``weight`` parameter:
+* at measured optimizer steps (by default the first, then as often as the budget below
+  allows; ``log_every_n_steps=N``: every N steps and the last batch of each epoch), for each layer with a ``weight`` parameter:
   ``weight_norm/<layer>`` (L2 norm of the weight the gradient was computed on),
   ``grad_norm/<layer>`` (L2 norm of its gradient, before any clipping) and
   ``update_ratio/<layer>`` (``||w_after - w_before|| / ||w_before||`` of that step);
