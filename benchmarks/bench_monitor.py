@@ -5,7 +5,9 @@ hidden sizes [320, 160, 320, 160, 160, 80, 80], ReLU after each, a Linear head),
 trained with Adam on 442 random-ish rows in batches of 32 (14 steps per epoch) for 30
 epochs, in a plain ``lightning.Trainer`` (no logger, no checkpointing, no progress
 bar). The variants run alternately in one process, each ``--repeats`` times, and the
-table shows the median wall time of ``trainer.fit`` and its ratio to "off":
+table shows the median wall time of ``trainer.fit``, its ratio to "off", and the median
+of each repeat's ratio to the "off" run before it (``paired``: steadier when the
+machine's speed drifts):
 
 * ``off``: no callback;
 * ``scalars only``: the monitor with ``histogram_every_n_epochs=0``: step scalars and
@@ -179,8 +181,8 @@ def main() -> None:
     steps = args.epochs * math.ceil(ROWS / BATCH)
     print(f"XAIMonitor overhead: cookbook MLP l1={L1}, {ROWS} rows, batch {BATCH}, "
           f"{args.epochs} epochs ({steps} steps), median of {args.repeats} alternating runs")
-    print("wall: trainer.fit's elapsed time (median); cpu: CPU time of this process, all its "
-          "threads (median); best: the fastest run")
+    print("wall: trainer.fit's elapsed time (median); paired: the median of each run's wall over the "
+          "`off` run before it; cpu: CPU time of this process, all its threads (median); best: the fastest run")
     print(f"torch {torch.__version__}, lightning {L.__version__}, mlflow {mlflow.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; store: "
           + ("a local `mlflow server` process (HTTP)" if args.server else "sqlite in this process"))
@@ -189,13 +191,15 @@ def main() -> None:
     off_wall = statistics.median(w for w, _ in times["off"])
     off_cpu = statistics.median(c for _, c in times["off"])
     off_best = min(w for w, _ in times["off"])
-    print(f"{'variant':<13} {'wall s':>7} {'ratio':>6} {'cpu s':>7} {'ratio':>6} {'best s':>7} {'ratio':>6}"
-          "   wall of each run")
+    print(f"{'variant':<13} {'wall s':>7} {'ratio':>6} {'paired':>6} {'cpu s':>7} {'ratio':>6} {'best s':>7} "
+          f"{'ratio':>6}   wall of each run")
     for name, ts in times.items():
         wall = statistics.median(w for w, _ in ts)
         cpu = statistics.median(c for _, c in ts)
         best = min(w for w, _ in ts)
-        print(f"{name:<13} {wall:>7.3f} {wall / off_wall:>6.3f} {cpu:>7.3f} {cpu / off_cpu:>6.3f} "
+        # Each run against the `off` run just before it: the machine's drift cancels.
+        paired = statistics.median(w / o for (w, _), (o, _) in zip(ts, times["off"], strict=True))
+        print(f"{name:<13} {wall:>7.3f} {wall / off_wall:>6.3f} {paired:>6.3f} {cpu:>7.3f} {cpu / off_cpu:>6.3f} "
               f"{best:>7.3f} {best / off_best:>6.3f}   " + " ".join(f"{w:.2f}" for w, _ in ts))
     page = statistics.median(w for w, _ in times["defaults"]) / statistics.median(w for w, _ in times["no page"])
     page_best = min(w for w, _ in times["defaults"]) / min(w for w, _ in times["no page"])

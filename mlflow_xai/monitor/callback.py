@@ -503,7 +503,12 @@ class XAIMonitor(Callback):
             self._charge("epoch", time.perf_counter() - started, rows)
             if histograms:
                 self._log_histograms(trainer, epoch, step, kinds)
-            if self._sink is not None:
+            next_shares_step = schedule.step_due(
+                step, every=self.log_every_n_steps, last_batch=trainer.num_training_batches == 1, due=self._step_due
+            )
+            if self._sink is not None and not next_shares_step:
+                # (When the next batch's measurement has this step too, its rows go with
+                # these, so that one call carries the whole step.)
                 self._sink.flush_if_due()
         if self.log_every_n_steps is None:
             self._epoch_due = self._next_due(trainer, "epoch", epoch + 1)
@@ -701,7 +706,7 @@ class XAIMonitor(Callback):
                 metrics[f"dead_share/{key}"] = dead_share
         for event in rules.epoch_alerts(weights, summary, nan_seen="nan" in self.alerts, order=self._rank):
             self._alert(event, step, metrics)
-        self._emit(step, metrics)
+        self._emit(step, metrics, timed_flush=False)  # the caller flushes when due
         return len(metrics)
 
     def _alert(self, event: rules.Alert, step: int, metrics: dict[str, float]) -> None:
@@ -721,7 +726,7 @@ class XAIMonitor(Callback):
                 category=XAIMonitorWarning,
             )
 
-    def _emit(self, step: int, values: dict[str, float]) -> None:
+    def _emit(self, step: int, values: dict[str, float], timed_flush: bool = True) -> None:
         if self._record is not None:
             self._record.add_metrics(step, values)
         if self._sink is None:
@@ -730,7 +735,7 @@ class XAIMonitor(Callback):
         if self._flush_soon:
             self._flush_soon = False
             self._sink.flush(wait=False)
-        else:
+        elif timed_flush:
             self._sink.flush_if_due()
 
     def flush(self, wait: bool = True) -> None:

@@ -138,14 +138,13 @@ class NonFiniteWatch:
         """Look at ``step``'s loss."""
         if self._first is not None:
             return
-        loss = loss.detach()
         if not (self._on_device or (self._on_device is None and loss.device.type != "cpu")):
             # Reading a CPU number costs no sync; .item() is the cheapest way for a scalar.
             finite = math.isfinite(loss.item()) if loss.numel() == 1 else bool(torch.isfinite(loss).all())
             if not finite:
                 self._first = step
             return
-        bad = ~torch.isfinite(loss).all()
+        bad = ~torch.isfinite(loss.detach()).all()
         if self._index is None or self._count is None:
             self._index = torch.full((), -1, dtype=torch.int64, device=loss.device)
             self._count = torch.zeros((), dtype=torch.int64, device=loss.device)
