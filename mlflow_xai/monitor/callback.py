@@ -508,8 +508,13 @@ class XAIMonitor(Callback):
             )
             if self._sink is not None and not next_shares_step:
                 # (When the next batch's measurement has this step too, its rows go with
-                # these, so that one call carries the whole step.)
-                self._sink.flush_if_due()
+                # these, so that one call carries the whole step.) With the budget's
+                # cadence, measured epochs are few: their rows go out now, while training
+                # goes on, rather than at the end of the fit, which waits for them.
+                if self.log_every_n_steps is None:
+                    self._sink.flush(wait=False)
+                else:
+                    self._sink.flush_if_due()
         if self.log_every_n_steps is None:
             self._epoch_due = self._next_due(trainer, "epoch", epoch + 1)
 
