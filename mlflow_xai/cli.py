@@ -148,18 +148,19 @@ def main() -> None:
               help="Machines of a multi-node DDP fit (started by torchrun or SLURM's srun on each).")
 @click.option("--monitor/--no-monitor", default=True, show_default=True,
               help="Log per-layer weight/gradient/activation statistics while training.")
-@click.option("--monitor-every", default=50, show_default=True, type=int,
-              help="Monitor statistics every N training steps.")
+@click.option("--monitor-every", default=None, type=click.IntRange(min=1),
+              help="Monitor statistics every N training steps and at every epoch end (default: as often as "
+                   "3% of the training time allows, the first and last epoch always).")
 @click.option("--histograms-every", default=None, type=int,
-              help="Distribution figures every K epochs (default: the first and last epoch, and in between "
-                   "as often as 2% of the training time allows; 0: none).")
+              help="Distribution figures every K epochs and after the last (default: as often as the "
+                   "monitor's budget allows; 0: none).")
 @click.option("--workdir", default=None, help="Local folder for checkpoints and logs (default ./mlflow-xai-runs).")
 @click.option("--quiet", is_flag=True, help="No progress bar, only the result lines.")
 @_user_errors
 def train(config: str | None, config_from_run: str | None, config_from_experiment: str | None,
           metric: str | None, mode: str, data: str | None, target: str | None, task: str,
           experiment: str | None, register_as: str | None, alias: str | None, test_size: float, seed: int,
-          accelerator: str, devices: str, strategy: str, num_nodes: int, monitor: bool, monitor_every: int,
+          accelerator: str, devices: str, strategy: str, num_nodes: int, monitor: bool, monitor_every: int | None,
           histograms_every: int | None, workdir: str | None, quiet: bool) -> None:
     """Train the tuned config on the test data and log it all to MLflow."""
     _import_then_freeze("mlflow_xai.train", "mlflow_xai.tracking", *(["mlflow_xai.monitor"] if monitor else []),

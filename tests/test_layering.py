@@ -38,13 +38,14 @@ MAY_IMPORT = {
     "mlflow": {"mlflow_xai.tracking.http", "mlflow_xai.tracking.runs", "mlflow_xai.tracking.writer",
                "mlflow_xai.tracking.epochs", "mlflow_xai.tracking.sources", "mlflow_xai.tracking.registry",
                "mlflow_xai.tracking.tuning", "mlflow_xai.jobs.train", "mlflow_xai.jobs.explain", "mlflow_xai.jobs.compare",
-               "mlflow_xai.evaluator", "mlflow_xai.monitor", "mlflow_xai.cli", "mlflow_xai.sources.pytorch_model",
+               "mlflow_xai.evaluator", "mlflow_xai.monitor.sinks", "mlflow_xai.cli", "mlflow_xai.sources.pytorch_model",
                "mlflow_xai.sources.inputs"},
     # matplotlib: the figures, and the CLI (imported before the GC freeze).
     "matplotlib": {"mlflow_xai.figures.style", "mlflow_xai.figures.layers", "mlflow_xai.figures.attributions",
                    "mlflow_xai.figures.compare", "mlflow_xai.cli"},
     # Lightning: the fit, its callbacks (the monitor, the epoch metrics).
-    "lightning": {"mlflow_xai.train", "mlflow_xai.monitor", "mlflow_xai.tracking.epochs"},
+    "lightning": {"mlflow_xai.train", "mlflow_xai.monitor.callback", "mlflow_xai.monitor.sinks",
+                  "mlflow_xai.tracking.epochs"},
 }
 
 

@@ -201,6 +201,42 @@ def test_dead_share_counts_the_same_units_as_explain_on_a_sequence(client: Mlflo
     assert explained >= 0.5 and monitored == pytest.approx(explained)  # units 0-3 at least
 
 
+def test_the_monitor_and_explain_give_the_same_numbers_on_the_same_batch(client: MlflowClient, tmp_path: Path) -> None:
+    """One measurement core: dead share, activation moments, histogram counts and weight
+    norms of a layer are the same while training and in explain, for the same weights and batch."""
+    from tensorboard.backend.event_processing.event_accumulator import HISTOGRAMS, EventAccumulator
+
+    from mlflow_xai import explain
+
+    model = TinyNet(lr=0.0, optimizer="sgd")  # the weights do not move: explain sees the monitor's
+    with torch.no_grad():  # units 0-2 of the first hidden layer negative for every input: dead
+        model.net[0].weight[:3] = 0.0
+        model.net[0].bias[:3] = -1.0
+    batch = torch.randn(32, 4, generator=torch.Generator().manual_seed(3))
+    tb = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version=0)
+    run_id = fit_in_run(model, XAIMonitor(monitor_batch=batch, histogram_every_n_epochs=1), epochs=1, logger=tb)
+    expl = explain(model, batch, bins=monitor_mod.HISTOGRAM_BINS)
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={HISTOGRAMS: 0})
+    events.Reload()
+
+    def logged(key: str) -> float:
+        return client.get_metric_history(run_id, key)[-1].value
+
+    for name in RELU_LAYERS:
+        a = expl.activations[name]
+        assert logged(f"dead_share/{name}") == a.dead_share
+        assert logged(f"act_mean/{name}") == pytest.approx(a.stats.mean, rel=1e-9, abs=1e-12)
+        assert logged(f"act_std/{name}") == pytest.approx(a.stats.std, rel=1e-9)
+        counts = events.Histograms(f"activations/{name}")[-1].histogram_value.bucket
+        assert list(counts) == a.histogram.counts.tolist()
+    assert logged("dead_share/net.1") == 3 / 8
+    for name in WEIGHT_LAYERS:
+        w = expl.weights[name]
+        assert logged(f"weight_norm/{name}") == pytest.approx(w.stats.l2_norm, rel=1e-6)
+        counts = events.Histograms(f"weights/{name}")[-1].histogram_value.bucket
+        assert list(counts) == w.histogram.counts.tolist()
+
+
 def test_functional_activations_fall_back_to_the_layer_outputs(client: MlflowClient) -> None:
     class Functional(TinyNet):
         def __init__(self) -> None:
@@ -246,6 +282,12 @@ def test_one_log_batch_call_per_flush_and_no_per_metric_calls(
     monkeypatch.setattr(MlflowClient, "log_metric", refuse)
     run_id = fit_in_run(TinyNet(), XAIMonitor(log_every_n_steps=1, histogram_every_n_epochs=0))
     assert 1 <= len(calls) <= 3  # buffered: a 1-second training is flushed at its end
+    # However often the buffer goes out, an epoch end's rows wait for the next batch's
+    # measurement of the same step: every call still carries whole steps.
+    monkeypatch.setattr(monitor_mod.sinks, "FLUSH_EVERY_S", 0.0)
+    calls.clear()
+    fit_in_run(TinyNet(), XAIMonitor(log_every_n_steps=1, histogram_every_n_epochs=0))
+    assert len(calls) > 3
     with pytest.raises(AssertionError, match="per-metric call"):  # the refusal above was reachable
         mlflow.log_metric("probe", 1.0, run_id=run_id)
     seen: set[int] = set()
@@ -477,20 +519,24 @@ def test_chunks_never_split_a_step() -> None:
 @pytest.mark.slow  # ~40 s on 2 CPU cores: each spawned rank imports torch, Lightning, MLflow
 def test_ddp_two_cpu_processes_log_once(client: MlflowClient, uri: str, exp_id: str) -> None:
     run_id = client.create_run(exp_id).info.run_id
-    monitor = XAIMonitor(run_id=run_id, tracking_uri=uri, log_every_n_steps=1)
+    # The default budget: rank 0 decides which steps and epochs are measured, every rank follows.
+    monitor = XAIMonitor(run_id=run_id, tracking_uri=uri, histogram_every_n_epochs=1)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore")
         L.Trainer(
-            max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+            max_epochs=3, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
             callbacks=[monitor], enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False,
         ).fit(TinyNet(), loader())
-    # 64 rows over 2 ranks of 16-row batches: 2 steps per epoch, all measured.
+    # 64 rows over 2 ranks of 16-row batches: 2 steps per epoch; the first step measured,
+    # the others as rank 0's budget says.
     for name in WEIGHT_LAYERS:
-        assert steps(client, run_id, f"grad_norm/{name}") == [0, 1, 2, 3]  # once per step, not twice
-    assert steps(client, run_id, "act_mean/net.1") == [2, 4]
+        measured = steps(client, run_id, f"grad_norm/{name}")
+        assert measured[0] == 0 and len(measured) == len(set(measured))  # once per step, not twice
+    ends = steps(client, run_id, "act_mean/net.1")
+    assert ends == [2, 4, 6]  # images every epoch (given): their epochs are measured
     files = [Path(f.path).name for f in client.list_artifacts(run_id, "images")]
-    assert len([f for f in files if f.startswith("xai_weights+") and f.endswith(".png")]) == 2
+    assert len([f for f in files if f.startswith("xai_weights+") and f.endswith(".png")]) == 3
     assert all(math.isfinite(m.value) for m in client.get_metric_history(run_id, "dead_share/net.1"))
 
 
@@ -545,16 +591,135 @@ def _image_epochs(client: MlflowClient, run_id: str) -> list[int]:
     return sorted(int(f.split("+")[2]) for f in files if f.startswith("xai_weights+") and f.endswith(".png"))
 
 
-@pytest.mark.parametrize(("budget", "expected"), [(1e9, [0, 1, 2, 3]), (1e-9, [0, 3])])
+@pytest.mark.parametrize(("share", "expected"), [(1e9, [0, 1, 2, 3]), (1e-9, [])])
 def test_default_histograms_are_spaced_by_their_cost(
-    client: MlflowClient, monkeypatch: pytest.MonkeyPatch, budget: float, expected: list[int]
+    client: MlflowClient, monkeypatch: pytest.MonkeyPatch, share: float, expected: list[int]
 ) -> None:
-    # Default cadence: the first and the last epoch always; in between as often as the
-    # budget share of training time allows (a huge budget: every epoch of a 4-epoch fit;
-    # a tiny one: none of them).
-    monkeypatch.setattr(monitor_mod, "HISTOGRAM_BUDGET", budget)
-    run_id = fit_in_run(TinyNet(), XAIMonitor(log_every_n_steps=100), epochs=4)
+    # Default cadence: images as often as their share of the budget allows (a huge budget:
+    # every epoch of a 4-epoch fit; a tiny one: none, not even the first and the last).
+    for kind in ("step", "epoch", "images"):
+        monkeypatch.setitem(monitor_mod.schedule.SHARES, kind, share)
+    run_id = fit_in_run(TinyNet(), XAIMonitor(), epochs=4)
     assert _image_epochs(client, run_id) == expected
+
+
+# ------------------------------------------------------------------- budget
+
+
+def simulate(steps_per_epoch: int, epochs: int, step_s: float, cost_s: float, share: float) -> tuple[list[int], float, float]:
+    """A fit on a fake clock: each step takes ``step_s``, each step measurement ``cost_s`` more.
+    Returns the measured steps, the seconds they cost and the fit's elapsed seconds."""
+    clock = spent = 0.0
+    due, measured = 0, []
+    for step in range(steps_per_epoch * epochs):
+        clock += step_s
+        last = (step + 1) % steps_per_epoch == 0
+        if monitor_mod.schedule.step_due(step, every=None, last_batch=last, due=due):
+            measured.append(step)
+            clock += cost_s
+            spent += cost_s
+            due = monitor_mod.schedule.next_due(step + 1, spent, cost_s, clock, share=share)
+    return measured, spent, clock
+
+
+@pytest.mark.parametrize(("steps_per_epoch", "epochs"), [(1, 2000), (14, 150), (2000, 1)])
+@pytest.mark.parametrize("cost_s", [1e-4, 1e-3, 2e-2])
+def test_the_step_budget_holds_for_any_epoch_length(steps_per_epoch: int, epochs: int, cost_s: float) -> None:
+    share, step_s = 0.01, 2e-3
+    measured, spent, elapsed = simulate(steps_per_epoch, epochs, step_s, cost_s, share)
+    assert measured[0] == 0  # the first step: nothing spent yet
+    assert spent <= share * elapsed + cost_s  # within the share, give or take the first one
+    # ... and it settles where the cost fits, not far below: the share is used.
+    assert spent >= 0.5 * share * elapsed or len(measured) == steps_per_epoch * epochs
+
+
+def test_next_due_waits_for_the_fit_to_earn_the_next_measurement() -> None:
+    next_due = monitor_mod.schedule.next_due
+    assert next_due(10, spent=0.0, cost=0.001, elapsed=1.0, share=0.01) == 10  # affordable now
+    # 0.02 s spent + 0.01 s next need 3 s of fit; 1 s per 10 steps so far: 20 more steps.
+    assert next_due(10, spent=0.02, cost=0.01, elapsed=1.0, share=0.01) == 30
+    assert next_due(0, spent=1.0, cost=1.0, elapsed=0.0, share=0.01) == 0  # nothing known yet
+
+
+def test_first_and_last_epoch_ends_are_always_measured() -> None:
+    epoch_due = monitor_mod.schedule.epoch_due
+    never = 10**9  # a budget that affords nothing
+    assert [e for e in range(5) if epoch_due(e, explicit=False, last=e == 4, images=False, due=never)] == [0, 4]
+    assert [e for e in range(5) if epoch_due(e, explicit=True, last=e == 4, images=False, due=never)] == [0, 1, 2, 3, 4]
+    # An epoch whose images are due (histogram_every_n_epochs=2) is measured for them.
+    assert [e for e in range(5) if epoch_due(e, explicit=False, last=e == 4, images=e % 2 == 0, due=never)] == [0, 2, 4]
+
+
+def test_images_are_taken_when_their_cost_fits() -> None:
+    images_due = monitor_mod.schedule.images_due
+    kw = {"every": None, "last": False, "last_logged": 0, "spacing": 2, "share": 0.01}
+    assert not images_due(1, spent=0.1, cost=0.1, elapsed=1000.0, **kw)  # too soon: spacing
+    assert images_due(2, spent=0.1, cost=0.1, elapsed=20.0, **kw)  # 0.2 s <= 1% of 20 s
+    assert not images_due(2, spent=0.1, cost=0.1, elapsed=19.0, **kw)
+    assert images_due(3, every=2, last=True, last_logged=2, spacing=9, spent=1e9, cost=1e9, elapsed=1.0)  # given K: exact
+    assert not images_due(2, every=0, last=True, last_logged=-1, spacing=1, spent=0.0, cost=0.0, elapsed=1e9)
+
+
+@pytest.mark.parametrize("on_device", [True, None])
+def test_a_nonfinite_loss_is_named_at_its_first_step(on_device: bool | None) -> None:
+    from mlflow_xai.monitor.measure import NonFiniteWatch
+
+    watch = NonFiniteWatch(on_device=on_device)  # True: the accelerator path (no sync per step), on CPU
+    for step in range(5):
+        watch.update(torch.tensor(1.0), step)
+    assert watch.first_step() is None
+    for step, loss in ((5, 1.0), (6, math.inf), (7, math.nan)):
+        watch.update(torch.tensor(loss), step)
+    assert watch.first_step() == 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_loss_watch_never_syncs_and_the_histograms_are_explains() -> None:
+    from mlflow_xai.inspect.stats import histogram
+    from mlflow_xai.monitor.measure import NonFiniteWatch
+
+    watch = NonFiniteWatch()
+    losses = [torch.tensor(v, device="cuda") for v in (1.0, 2.0, math.nan, math.inf)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync raises
+    try:
+        for step, loss in enumerate(losses):
+            watch.update(loss, step)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert watch.first_step() == 2
+    big = torch.randn(4200, 4200, device="cuda")  # more than one of explain's CUDA chunks
+    big[0, 0], big[1, 1] = math.nan, math.inf
+    np.testing.assert_array_equal(_hist_rows([big], bins=40)[0, :40], histogram(big, bins=40).counts)
+
+
+def test_given_frequencies_are_obeyed_exactly_and_defaults_measure_the_first_and_last_epoch(
+    client: MlflowClient,
+) -> None:
+    run_id = fit_in_run(TinyNet(), XAIMonitor(log_every_n_steps=3, histogram_every_n_epochs=2), epochs=5)
+    # 4 steps an epoch: every third step and each epoch's last (3, 7, 11, ...).
+    expected = sorted({s for s in range(20) if s % 3 == 0} | {3, 7, 11, 15, 19})
+    assert steps(client, run_id, "grad_norm/net.0") == expected
+    assert steps(client, run_id, "act_mean/net.1") == [4, 8, 12, 16, 20]  # every epoch end
+    assert _image_epochs(client, run_id) == [0, 2, 4]
+    run_id = fit_in_run(TinyNet(), XAIMonitor(), epochs=5)
+    ends = steps(client, run_id, "act_mean/net.1")
+    assert ends[0] == 4 and ends[-1] == 20  # the first and the last epoch's ends
+    assert steps(client, run_id, "grad_norm/net.0")[0] == 0  # the first step
+
+
+def test_a_nan_loss_between_measurements_is_alerted_at_its_step(client: MlflowClient) -> None:
+    class NanLoss(TinyNet):
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            return loss * math.nan if self.global_step == 5 else loss
+
+    with pytest.warns(XAIMonitorWarning, match="alert nan at step 5"):
+        run_id = fit_in_run(NanLoss(lr=0.0, optimizer="sgd"),
+                            XAIMonitor(log_every_n_steps=4, histogram_every_n_epochs=0), epochs=3)
+    tags = alert_tags(client, run_id)
+    assert tags["mlflow_xai.alert.nan.first_step"] == "5" and tags["mlflow_xai.alert.nan.first_layer"] == "loss"
+    assert steps(client, run_id, "alert/nan")[0] == 5
 
 
 def test_iterable_loader_of_unknown_length(client: MlflowClient) -> None:

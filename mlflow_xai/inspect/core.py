@@ -20,7 +20,7 @@ from torch import nn
 from mlflow_xai.errors import XAIError
 from mlflow_xai.inspect.diagnostics import diagnose, gradient_flags
 from mlflow_xai.inspect.hooks import LayerSelection, first_tensor, is_leaf, record_outputs, resolve_layers
-from mlflow_xai.inspect.modules import RELU_FAMILY, eval_mode, has_weight, unit_dim
+from mlflow_xai.inspect.modules import RELU_FAMILY, dead_units, eval_mode, has_weight, unit_dim
 from mlflow_xai.inspect.results import (
     Explanation,
     LayerActivations,
@@ -136,9 +136,7 @@ def _unit_summary(t: torch.Tensor, dim: int | None, relu: bool) -> tuple[np.ndar
     mean = t.mean(dim=reduce, dtype=torch.float64).reshape(-1)
     dead: float | None = None
     if relu:
-        # Dead: <= 0 for every sample and position; amax avoids a boolean copy of t.
-        peak = torch.amax(t, dim=reduce).reshape(-1)
-        dead = float((peak <= 0).double().mean().item())
+        dead = float(dead_units(t, dim).double().mean().item())
     return mean.cpu().numpy(), dead
 
 

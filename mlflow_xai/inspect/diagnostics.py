@@ -18,6 +18,7 @@ __all__ = [
     "VANISHING_RATIO",
     "EXPLODING_RATIO",
     "DEAD_SHARE_FLAG",
+    "DEAD_SHARE_ALERT",
     "thresholds",
     "gradient_flags",
     "diagnose",
@@ -44,6 +45,11 @@ EXPLODING_RATIO = 1e2
 # Share of dead units in one ReLU layer worth a flag line. Some dead units are normal
 # (sparsity); when most of a layer is dead it has lost most of its capacity.
 DEAD_SHARE_FLAG = 0.5
+
+# Share of dead units in one ReLU layer at which the training monitor raises its
+# ``dead_units`` alert. While training, units still revive, so the alert waits for a
+# nearly dead layer rather than the explain pass's flag at DEAD_SHARE_FLAG.
+DEAD_SHARE_ALERT = 0.9
 
 
 def thresholds() -> dict[str, float]:

@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 
 from mlflow_xai.errors import XAIError, unknown_choice
 
-__all__ = ["LayerSelection", "capture_activations", "resolve_layers", "is_leaf"]
+__all__ = ["LayerSelection", "capture_activations", "forward_hooks", "resolve_layers", "is_leaf"]
 
 #: ``None`` (all), qualified module names (``"layers.0"``), or ``(name, module) -> bool``.
 LayerSelection = str | Sequence[str] | Callable[[str, nn.Module], bool] | None
@@ -197,36 +197,34 @@ class _Recorder(TorchFunctionMode):
             self.outputs[name] = captured.clone()
             self._version[name] = self.outputs[name]._version
 
-    def forward_hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            t = first_tensor(output)
-            if t is None:
-                return
-            key = name
-            if self.per_call:
-                k = self._calls.get(name, 0)
-                self._calls[name] = k + 1
-                key = name if k == 0 else f"{name}@{k}"
-            if self._passes <= 1:  # the call order of one pass
-                self.order.append(key)
-            if self.chunked:
-                # A private copy per chunk: the chunks are concatenated afterwards, and a
-                # later chunk's in-place ops must not reach an earlier chunk's capture.
-                parts = self._parts.setdefault(key, [])
-                if len(parts) == self._passes:  # called again in this pass: the later call wins
-                    parts[-1] = t.detach().clone()
-                else:
-                    parts.append(t.detach().clone())
-                return
-            # detach() shares memory: no copy unless an in-place op forces one.
-            t = t.detach()
-            self.outputs[key] = t
-            self._version[key] = t._version
-            storage = _storage_key(t)
-            if storage is not None:
-                self._by_storage.setdefault(storage, set()).add(key)
-
-        return hook
+    def on_output(self, name: str, module: nn.Module, output: Any) -> None:
+        """The forward hook: record ``module``'s output under ``name``."""
+        t = first_tensor(output)
+        if t is None:
+            return
+        key = name
+        if self.per_call:
+            k = self._calls.get(name, 0)
+            self._calls[name] = k + 1
+            key = name if k == 0 else f"{name}@{k}"
+        if self._passes <= 1:  # the call order of one pass
+            self.order.append(key)
+        if self.chunked:
+            # A private copy per chunk: the chunks are concatenated afterwards, and a
+            # later chunk's in-place ops must not reach an earlier chunk's capture.
+            parts = self._parts.setdefault(key, [])
+            if len(parts) == self._passes:  # called again in this pass: the later call wins
+                parts[-1] = t.detach().clone()
+            else:
+                parts.append(t.detach().clone())
+            return
+        # detach() shares memory: no copy unless an in-place op forces one.
+        t = t.detach()
+        self.outputs[key] = t
+        self._version[key] = t._version
+        storage = _storage_key(t)
+        if storage is not None:
+            self._by_storage.setdefault(storage, set()).add(key)
 
     def warn_if_modified(self) -> None:
         """In-place writes the mode cannot see (from C++ extensions, say) still bump the
@@ -256,13 +254,36 @@ def record_outputs(
     the last): each entry is the concatenation of its passes' outputs.
     """
     rec = _Recorder(per_call=per_call, chunked=chunked)
-    handles: list[RemovableHandle] = []
-    try:
-        for name, module in modules:
-            handles.append(module.register_forward_hook(rec.forward_hook(name)))
+    with forward_hooks(modules, rec.on_output):
         with rec:
             yield rec
         rec.warn_if_modified()
+
+
+@contextmanager
+def forward_hooks(
+    modules: Iterable[tuple[str, nn.Module]], hook: Callable[[str, nn.Module, Any], None]
+) -> Iterator[None]:
+    """``hook(name, module, output)`` after each forward call of ``modules`` during the block.
+
+    Every hook is registered inside ``try`` and removed in ``finally``, so a forward
+    pass that raises leaves the model without them. The one hook handling of the
+    package: :func:`capture_activations` and the training monitor both use it.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+        >>> seen = []
+        >>> with forward_hooks(net.named_children(), lambda name, m, out: seen.append(name)):
+        ...     _ = net(torch.ones(1, 2))
+        >>> seen, net[0]._forward_hooks
+        (['0', '1'], OrderedDict())
+    """
+    handles: list[RemovableHandle] = []
+    try:
+        for name, module in modules:
+            handles.append(module.register_forward_hook(
+                lambda m, args, out, name=name: hook(name, m, out)))
+        yield
     finally:
         for h in handles:
             h.remove()

@@ -14,7 +14,16 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["CHANNEL_FIRST", "CHANNEL_LAST", "RELU_FAMILY", "eval_mode", "has_weight", "unit_dim"]
+__all__ = [
+    "CHANNEL_FIRST",
+    "CHANNEL_LAST",
+    "RELU_FAMILY",
+    "dead_units",
+    "eval_mode",
+    "has_weight",
+    "is_activation",
+    "unit_dim",
+]
 
 # Modules whose units sit on dim 1 (N, C, ...) ...
 CHANNEL_FIRST: tuple[type[nn.Module], ...] = (
@@ -69,6 +78,19 @@ def has_weight(module: nn.Module) -> bool:
     return isinstance(module._parameters.get("weight"), torch.Tensor)
 
 
+def is_activation(module: nn.Module) -> bool:
+    """Whether the module is an activation (ReLU, GELU, Tanh, Softmax, ...): a module of
+    ``torch.nn.modules.activation``, except ``MultiheadAttention``, a layer that lives there.
+
+    Example:
+        >>> is_activation(nn.ReLU()), is_activation(nn.MultiheadAttention(4, 1)), is_activation(nn.Linear(1, 1))
+        (True, False, False)
+    """
+    return type(module).__module__ == "torch.nn.modules.activation" and not isinstance(
+        module, nn.MultiheadAttention
+    )
+
+
 def unit_dim(t: torch.Tensor, module: nn.Module, prev: tuple[torch.Size, int | None] | None) -> int | None:
     """Which dim of ``module``'s output ``t`` holds its units (``None``: one unit).
 
@@ -94,3 +116,22 @@ def unit_dim(t: torch.Tensor, module: nn.Module, prev: tuple[torch.Size, int | N
     if prev is not None and prev[0] == t.shape:
         return prev[1]
     return 1
+
+
+def dead_units(t: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """Which units of the output ``t`` are dead: <= 0 for every sample and position.
+
+    ``dim`` is the units' dim (:func:`unit_dim`; ``None``: one unit). A unit with a NaN
+    is not dead. Meant for :data:`RELU_FAMILY` outputs, which pass no gradient back
+    through a unit that is never > 0. Returns a bool tensor, one entry per unit, on
+    ``t``'s device.
+
+    Example:
+        >>> dead_units(torch.tensor([[0.0, 1.0], [0.0, 0.0]]), 1).tolist()
+        [True, False]
+    """
+    if t.dim() == 0:  # a scalar output is one unit seen once
+        t = t.reshape(1)
+    reduce = tuple(d for d in range(t.dim()) if d != dim)
+    # amax avoids a boolean copy of t.
+    return torch.amax(t, dim=reduce).reshape(-1) <= 0

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +31,17 @@ import torch
 from mlflow_xai.errors import XAIError
 from mlflow_xai.inspect.results import Histogram, TensorStats
 
-__all__ = ["tensor_stats", "histogram", "stats_and_histogram", "one_thread"]
+__all__ = [
+    "accumulation_dtype",
+    "bin_range",
+    "histogram",
+    "histogram_rows",
+    "l2_norm",
+    "moment_sums",
+    "one_thread",
+    "stats_and_histogram",
+    "tensor_stats",
+]
 
 # CPU: 128K values = 1 MB as float64, cache-resident across the reductions run on it.
 # The passes run on one intra-op thread (see one_thread), where small chunks are the
@@ -200,8 +210,13 @@ def _check_bins(bins: int) -> None:
         raise XAIError(f"bins must be a positive integer, got {bins!r}")
 
 
-def _range(lo: float, hi: float) -> tuple[float, float]:
-    """Bin range: the finite min/max; widened around a constant so edges increase."""
+def bin_range(lo: float, hi: float) -> tuple[float, float]:
+    """Bin range from the finite min/max; widened around a constant so edges increase.
+
+    Example:
+        >>> bin_range(2.0, 2.0), bin_range(math.inf, -math.inf)
+        ((1.5, 2.5), (-0.5, 0.5))
+    """
     if not (math.isfinite(lo) and math.isfinite(hi)):  # no finite value at all
         return -0.5, 0.5
     if lo == hi:
@@ -210,7 +225,7 @@ def _range(lo: float, hi: float) -> tuple[float, float]:
 
 
 def _histogram(scratch: _Scratch, bins: int, lo: float, hi: float, all_finite: bool = False) -> Histogram:
-    lo, hi = _range(lo, hi)
+    lo, hi = bin_range(lo, hi)
     counts = np.zeros(bins, dtype=np.int64)
     # The bincount path needs every value finite (NaN has no bin) and a finite scale.
     fast = (
@@ -296,3 +311,91 @@ def stats_and_histogram(
         scratch = _Scratch(t)
         acc = _moments(scratch, t.numel(), near_zero_eps)
         return _stats_from(acc), _histogram(scratch, bins, acc.lo, acc.hi, acc.finite == acc.numel)
+
+
+# --- The batched, on-device forms the training monitor uses: no host sync per tensor ---
+
+
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """The dtype sums are accumulated in on ``device``: float64 (a large batch's moments
+    stay exact), float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def l2_norm(t: torch.Tensor) -> torch.Tensor:
+    """L2 norm of all values of ``t``, as a float32 0-d tensor on its device (no host sync).
+
+    Accumulated in float32 at least (a float16 norm overflows at 65504); equal, up to
+    float32 rounding, to :func:`tensor_stats`' ``l2_norm`` of a finite tensor.
+
+    Example:
+        >>> l2_norm(torch.tensor([3.0, 4.0])).item()
+        5.0
+    """
+    dtype = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+    return torch.linalg.vector_norm(t.detach(), dtype=dtype).to(torch.float32)
+
+
+def moment_sums(t: torch.Tensor) -> torch.Tensor:
+    """``[n, sum, sum of squares]`` of all values of ``t``, on its device, accumulated in
+    :func:`accumulation_dtype`: sums add up over calls and DDP ranks, and give the mean
+    and the population std of :func:`tensor_stats` (of a finite tensor).
+
+    Example:
+        >>> moment_sums(torch.tensor([1.0, -1.0])).tolist()
+        [2.0, 0.0, 2.0]
+    """
+    a = t.detach().to(accumulation_dtype(t.device))
+    return torch.stack([a.new_tensor(float(t.numel())), a.sum(), (a * a).sum()])
+
+
+def histogram_rows(tensors: Sequence[torch.Tensor], bins: int = 50) -> np.ndarray:
+    """:func:`histogram` of several tensors at once, binned on their device.
+
+    The bins and counts are :func:`histogram`'s (finite min to max, :func:`bin_range`,
+    ``torch.histc`` on the values in :func:`accumulation_dtype`); the moments need no
+    host round trip per tensor. Returns one row per tensor: ``bins`` counts, then the
+    finite min and max, the number of finite values, their sum and sum of squares, and
+    numel. Two transfers in all, of a few numbers per tensor: the ranges (``histc`` takes
+    them as Python numbers), then the counts. NaN and Inf are not binned.
+
+    Example:
+        >>> histogram_rows([torch.tensor([0.0, 1.0, 1.0, float("nan")])], bins=2).tolist()
+        [[1.0, 2.0, 0.0, 1.0, 3.0, 2.0, 2.0, 4.0]]
+    """
+    _check_bins(bins)
+    heads: list[torch.Tensor] = []
+    with torch.no_grad():
+        flats = [t.detach().reshape(-1) for t in tensors]
+        for f in flats:
+            acc = accumulation_dtype(f.device)
+            if f.numel() == 0:
+                heads.append(torch.tensor([math.inf, -math.inf, 0, 0, 0, 0], dtype=acc, device=f.device))
+                continue
+            finite = torch.isfinite(f)
+            zeroed = torch.where(finite, f, 0).to(acc)
+            heads.append(
+                torch.stack(
+                    [
+                        torch.where(finite, f, math.inf).amin().to(acc),
+                        torch.where(finite, f, -math.inf).amax().to(acc),
+                        finite.sum().to(acc),
+                        zeroed.sum(),
+                        (zeroed * zeroed).sum(),
+                        zeroed.new_tensor(float(f.numel())),
+                    ]
+                )
+            )
+        if not heads:
+            return np.zeros((0, bins + 6))
+        head = torch.stack([h.to("cpu", torch.float64) for h in heads])
+        counts: list[torch.Tensor] = []
+        for f, (lo, hi, n, *_rest) in zip(flats, head.tolist(), strict=False):
+            if n == 0:
+                counts.append(torch.zeros(bins, device=f.device))
+                continue
+            lo, hi = bin_range(lo, hi)
+            # histc skips NaN and whatever lies outside [lo, hi] (the Infs); in the
+            # accumulation dtype, as histogram() bins, so the counts are the same.
+            counts.append(torch.histc(f.to(accumulation_dtype(f.device)), bins, lo, hi))
+        return torch.cat([torch.stack([c.to("cpu", torch.float64) for c in counts]), head], dim=1).numpy()

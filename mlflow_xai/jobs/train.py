@@ -105,7 +105,7 @@ def train_and_log(
     num_nodes: int = 1,
     workdir: str | Path | None = None,
     monitor: bool = True,
-    monitor_every_n_steps: int = 50,
+    monitor_every_n_steps: int | None = None,
     monitor_histograms_every_n_epochs: int | None = None,
     quiet: bool = False,
     config_from_run: str | None = None,
