@@ -32,7 +32,8 @@ from mlflow_xai.monitor.callback import TRAINING_PAGE_PATH, XAIMonitor, XAIMonit
 from mlflow_xai.monitor.measure import HISTOGRAM_BINS, hist_rows
 from mlflow_xai.monitor.render import paletted, render_grid
 from mlflow_xai.monitor.schedule import BUDGET, HISTOGRAM_BUDGET, HISTOGRAM_SNAPSHOTS
-from mlflow_xai.monitor.sinks import FLUSH_EVERY_S, answer_cut_off, chunks_by_step
+from mlflow_xai.tracking.http import answer_cut_off
+from mlflow_xai.tracking.writer import FLUSH_EVERY_S, chunks_by_step
 
 # The names these helpers had when the monitor was one module (tests and notebooks use them).
 _chunks_by_step = chunks_by_step

@@ -52,8 +52,9 @@ leave it, once per measurement; the loss is checked for NaN/Inf at every step wi
 host sync on an accelerator (a device flag, read when the monitor measures anyway; the
 alert names the first bad step). Metrics are buffered and written with ``log_batch``
 calls that each carry whole steps (never one call per metric), every
-:data:`~mlflow_xai.monitor.sinks.FLUSH_EVERY_S` seconds, when an alert fires, and when
-training ends; the MLflow calls run on one background thread, so a slow or remote
+:data:`~mlflow_xai.tracking.writer.FLUSH_EVERY_S` seconds, when an alert fires, and when
+training ends; the MLflow calls run on the run's one writer thread (shared with the epoch
+metrics, :mod:`mlflow_xai.tracking.writer`), so a slow or remote
 tracking server does not stall training, and ``fit`` returns only after everything is
 written. By default the monitor's whole cost (its time in the loop, and its writer's
 CPU time for the rows and images it produced) stays within
@@ -762,9 +763,10 @@ class XAIMonitor(Callback):
             self._sink = None
 
     def _write_page(self) -> None:
-        """Hand ``xai/training.html`` to the writer, once per fit."""
+        """Hand ``xai/training.html`` to the writer, once per fit (also after a store
+        failure: the writer tries what it could not send once more when the fit ends)."""
         record, sink = self._record, self._sink
-        if record is None or sink is None or sink.error is not None:
+        if record is None or sink is None:
             return
         self._record = None  # written once, and the next fit starts a new record
         try:

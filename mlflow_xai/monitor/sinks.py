@@ -6,19 +6,18 @@ makes the backend's calls; the callback never calls a backend itself.
 
 from __future__ import annotations
 
-import queue
 import re
-import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mlflow_xai.errors import XAIError
 from mlflow_xai.monitor.render import HistRow, paletted
 from mlflow_xai.monitor.schedule import ROW_COST_GUESS
+from mlflow_xai.tracking.writer import FLUSH_EVERY_S, release, shared_writer
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -27,29 +26,13 @@ if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
 __all__ = [
-    "CUT_RETRIES",
-    "FLUSH_EVERY_S",
-    "MAX_METRICS_PER_CALL",
     "MlflowSink",
     "TensorBoardSink",
-    "answer_cut_off",
-    "chunks_by_step",
     "current_tracking_uri",
     "metric_key",
     "resolve_run",
 ]
 
-#: Buffered metrics go out at most this many seconds after they were measured (and at
-#: alerts and at the end of training): a sqlite store costs ~25 ms per call plus ~0.2 ms
-#: per metric, an HTTP server a round trip per call, so a few large calls are cheapest.
-#: Not fewer: a tracking server writes a batch while training goes on, but whatever is
-#: still buffered when training ends is written while ``fit`` waits.
-FLUSH_EVERY_S = 2.0
-#: Times a writer call is made again after its answer was cut off half-way (1, 2, 4 s
-#: apart); each try has MLflow's own retries for a refused or reset connection.
-CUT_RETRIES = 3
-#: MLflow's limit on metrics in one log_batch call (mlflow.utils.validation).
-MAX_METRICS_PER_CALL = 1000
 # Characters MLflow accepts in a metric name; others in a layer name become "_".
 _BAD_METRIC_CHARS = re.compile(r"[^/\w.\- ]")
 
@@ -116,37 +99,32 @@ def resolve_run(trainer: Trainer, run_id: str | None, tracking_uri: str | None) 
 
 
 class MlflowSink:
-    """The monitor's MLflow transport: a buffer of whole steps and one writer thread.
+    """The monitor's side of the run's one writer (:mod:`mlflow_xai.tracking.writer`).
 
-    Metrics are buffered and written with ``log_batch`` calls that each carry whole
-    steps (never one call per metric), every :data:`FLUSH_EVERY_S` seconds, when an
-    alert fires, and when training ends. The calls run in order on one daemon thread,
-    so a slow or remote tracking server does not stall training. (MLflow's own
-    ``log_batch(..., synchronous=False)`` queues per call, without the images, the page
-    or the retry below, and without a way to wait for one run's writes alone.)
-
-    A call whose answer was cut off half-way (the server went away while answering,
-    which MLflow's HTTP retries do not cover) is made again, up to :data:`CUT_RETRIES`
-    times: every call the monitor makes may be repeated (a metric logged twice with the
-    same step and timestamp is stored once). Any other failure, or one that outlasts the
-    retries, is kept (and later calls dropped) and warned about once: a broken tracking
-    store must not stop a training.
+    The monitor buffers its rows here until a step is whole (an epoch end's rows wait
+    for the next batch's measurement of the same step), then hands them to the run's
+    :class:`~mlflow_xai.tracking.writer.RunWriter`, which it shares with the epoch
+    metrics of ``mlflow-xai train``: one thread makes every MLflow call of the training,
+    in ``log_batch`` calls that each carry whole steps, every :data:`FLUSH_EVERY_S`
+    seconds, when an alert fires, and when training ends. The writer's failure policy
+    is the monitor's: a cut-off answer is sent again; after any other failure nothing
+    more is sent while training (warned about once), and what was not sent is tried once
+    more when the fit ends.
     """
 
     def __init__(self, client: MlflowClient, run_id: str, warning: type[Warning] = UserWarning) -> None:
         self.client, self.run_id = client, run_id
-        self.error: BaseException | None = None
-        # CPU seconds of the writer thread (its share of the GIL and the cores), for the budget:
-        self._rows, self._row_cpu = 0, 0.0  # metric rows written, and what their calls took
-        self._images, self._image_cpu = 0, 0.0  # images stored, and what that took
+        self.writer = shared_writer(client, run_id)
         self._warning = warning
         self._warned = False
         self._buffer: list[Metric] = []
         self._tags: dict[str, str] = {}
         self._last_flush = time.monotonic()
-        self._jobs: queue.Queue[Callable[[], object] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._loop, name="XAIMonitor-writer", daemon=True)
-        self._thread.start()
+
+    @property
+    def error(self) -> BaseException | None:
+        """The writer's failure, if the store failed (then images are no longer drawn)."""
+        return self.writer.error
 
     # --------------------------------------------------------------- buffer
 
@@ -167,101 +145,49 @@ class MlflowSink:
             self.flush(wait=False)
 
     def flush(self, wait: bool = True) -> None:
-        """Hand the buffered metrics and tags to the writer; by default wait until written.
-
-        Each ``log_batch`` call carries whole steps (up to MLflow's 1000 metrics per
-        call), so a step's metrics never straddle two calls.
-        """
+        """Hand the buffered metrics and tags to the writer and send; by default wait until written."""
         self._last_flush = time.monotonic()
-        if self._buffer or self._tags:
-            from mlflow.entities import RunTag
-
-            tags = [RunTag(k, v) for k, v in self._tags.items()]
-            for i, chunk in enumerate(chunks_by_step(self._buffer, MAX_METRICS_PER_CALL) or [[]]):
-                self._submit(lambda c=chunk, t=(tags if i == 0 else []): self._log_batch(c, t))
-            self._buffer, self._tags = [], {}
-        if wait:
-            self._jobs.join()
+        buffer, tags, self._buffer, self._tags = self._buffer, self._tags, [], {}
+        self.writer.log(buffer, tags)
+        self.writer.flush(wait=wait)
         self.warn_failure()
-
-    def _log_batch(self, metrics: list[Metric], tags: list[Any]) -> None:
-        started = time.thread_time()
-        try:
-            self.client.log_batch(self.run_id, metrics=metrics, tags=tags)
-        finally:
-            self._row_cpu += time.thread_time() - started
-            self._rows += len(metrics)
 
     def row_cost(self) -> float:
         """CPU seconds the writer spends per metric row (calls included), as measured once
         a few hundred rows were written, else ``ROW_COST_GUESS``."""
-        return self._row_cpu / self._rows if self._rows >= 200 else ROW_COST_GUESS
+        rows = self.writer.rows
+        return self.writer.cpu_seconds["batch"] / rows if rows >= 200 else ROW_COST_GUESS
 
     def image_cost(self) -> float:
         """CPU seconds the writer spends per image (encoding, storing); 0 before the first."""
-        return self._image_cpu / self._images if self._images else 0.0
+        images = self.writer.images
+        return self.writer.cpu_seconds["image"] / images if images else 0.0
 
     # ----------------------------------------------------------- artifacts
 
     def log_image(self, image: PILImage, key: str, step: int) -> None:
         """Store ``image`` (a :func:`~mlflow_xai.monitor.render.render_grid` drawing) as a
-        palette PNG under ``key`` at ``step``, on the writer thread."""
-        self._submit(lambda: self._store_image(image, key, step))
-
-    def _store_image(self, image: PILImage, key: str, step: int) -> None:
-        started = time.thread_time()
-        try:
-            self.client.log_image(self.run_id, paletted(image), key=key, step=step)
-        finally:
-            self._image_cpu += time.thread_time() - started
-            self._images += 1
+        palette PNG under ``key`` at ``step``, converted and stored on the writer thread."""
+        self.writer.log_image(image, key, step, convert=paletted)
 
     def log_text(self, text: str, path: str) -> None:
         """Store ``text`` as the artifact ``path``, on the writer thread."""
-        self._submit(lambda: self.client.log_text(self.run_id, text, path))
-
-    # --------------------------------------------------------------- thread
-
-    def _submit(self, job: Callable[[], object]) -> None:
-        if self.error is None:
-            self._jobs.put(job)
-
-    def _loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            try:
-                if job is None:
-                    return
-                if self.error is None:
-                    self._run(job)
-            except Exception as e:  # noqa: BLE001 - any store failure: keep it, go on
-                self.error = e
-            finally:
-                self._jobs.task_done()
-
-    @staticmethod
-    def _run(job: Callable[[], object]) -> None:
-        for attempt in range(CUT_RETRIES + 1):
-            try:
-                job()
-                return
-            except Exception as e:
-                if attempt == CUT_RETRIES or not answer_cut_off(e):
-                    raise
-                time.sleep(2.0**attempt)
+        self.writer.log_text(text, path)
 
     def warn_failure(self) -> None:
         """Warn once that the store failed and logging stopped (training goes on)."""
-        if self.error is not None and not self._warned:
+        error = self.writer.error
+        if error is not None and not self._warned:
             self._warned = True
-            first_line = (str(self.error).splitlines() or [type(self.error).__name__])[0]
-            warnings.warn(f"XAIMonitor stopped logging to MLflow run {self.run_id}: {first_line}",
-                          self._warning, stacklevel=4)
+            first_line = (str(error).splitlines() or [type(error).__name__])[0]
+            warnings.warn(f"XAIMonitor stopped logging to MLflow run {self.run_id}: {first_line} (what was not "
+                          "sent is tried once more when the fit ends)", self._warning, stacklevel=4)
 
     def close(self) -> None:
-        """Write what was handed over, stop the thread, warn about a failure."""
-        self._jobs.put(None)
-        self._thread.join()
+        """Write what was handed over and give the writer back (its last user ends it);
+        warn about a failure."""
+        self.flush(wait=False)
+        release(self.writer)
         self.warn_failure()
 
 
@@ -294,48 +220,3 @@ class TensorBoardSink:
                         bucket_counts=h.counts.tolist(),
                         global_step=step,
                     )
-
-
-def chunks_by_step(metrics: list[Metric], limit: int) -> list[list[Metric]]:
-    """Split into calls of at most ``limit`` metrics without splitting a step (unless a
-    single step alone exceeds the limit: more than 333 layers)."""
-    chunks: list[list[Metric]] = []
-    current: list[Metric] = []
-    i = 0
-    while i < len(metrics):
-        j = i
-        while j < len(metrics) and metrics[j].step == metrics[i].step:
-            j += 1
-        block = metrics[i:j]
-        if current and len(current) + len(block) > limit:
-            chunks.append(current)
-            current = []
-        while len(block) > limit:
-            chunks.append(block[:limit])
-            block = block[limit:]
-        current.extend(block)
-        i = j
-    if current:
-        chunks.append(current)
-    return chunks
-
-
-def answer_cut_off(error: BaseException) -> bool:
-    """Whether an MLflow call failed because the server's answer broke off half-way.
-
-    MLflow's HTTP client retries a refused or reset connection itself (and then says
-    "Max retries exceeded"), but not an answer cut off after it began, as when a server
-    is restarted while it answers: that shows as a broken transfer in the chain of
-    causes of the ``MlflowException``.
-    """
-    import requests
-    from urllib3.exceptions import MaxRetryError
-
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, requests.exceptions.ChunkedEncodingError):
-            return True
-        if isinstance(seen, requests.exceptions.ConnectionError):
-            return not any(isinstance(a, MaxRetryError) for a in seen.args)
-        seen = seen.__cause__ or seen.__context__
-    return False
