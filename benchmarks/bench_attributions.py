@@ -8,7 +8,10 @@ The ratio column says how many forward+backward passes a method costs: IG and
 GradientShap should be near ``n_steps`` (50), DeepLift near 1-2, feature ablation
 near ``n_features`` forward-only passes (so a few backward-free units), and the
 conductance of all seven hidden layers (``conductances``, one integration path of
-``n_steps + 1`` points) near 51, as one layer's would be.
+``n_steps + 1`` points) near 51, as one layer's would be; and ``IG + conductance``
+(``path_attributions``, what ``explain`` runs: integrated gradients from the same walk's
+input gradients) near the conductance row alone, where IG and conductance apart cost
+the sum of their two rows.
 
 Run: ``.venv/bin/python benchmarks/bench_attributions.py [--sizes 16,64,256] [--rows 177]
 [--repeats 3] [--threads N]``
@@ -26,7 +29,7 @@ import torch
 from torch import nn
 
 from mlflow_xai.config import TunedConfig
-from mlflow_xai.inspect.attributions import METHODS, attribute, conductances
+from mlflow_xai.inspect.attributions import METHODS, attribute, conductances, path_attributions
 
 N_FEATURES = 10
 
@@ -97,6 +100,8 @@ def main() -> None:
             for method in METHODS
         }
         runs[f"conductance x{len(hidden)}"] = lambda: conductances(model, x, hidden, baselines="mean")  # noqa: B023
+        runs[f"IG + conductance x{len(hidden)}"] = (  # one walk, as explain runs them
+            lambda: path_attributions(model, x, hidden, baselines="mean"))  # noqa: B023
         for label, run in runs.items():
             t, fb = best_of_interleaved(run, lambda: forward_backward(model, x), args.repeats)  # noqa: B023
             print(f"{l1:>4} {params:>11,} {label:<22} {t:>9.4f} {fb:>12.5f} {t / fb:>7.1f}", flush=True)

@@ -25,6 +25,7 @@ _EXPORTS = {
     "attribute": "mlflow_xai.inspect.attributions",
     "conductance": "mlflow_xai.inspect.attributions",
     "conductances": "mlflow_xai.inspect.attributions",
+    "path_attributions": "mlflow_xai.inspect.attributions",
     "compare": "mlflow_xai.inspect.compare",
     "Comparison": "mlflow_xai.inspect.compare",
     "XAIMonitor": "mlflow_xai.monitor",

@@ -173,6 +173,7 @@ def test_dynamic_batch_regressor_gets_attributions_with_its_column_names(zoo: di
     assert set(attr["methods"]["deep_lift"]["top_features"]) <= set(FEATURES)
     assert attr["baseline"] == "mean of the 30 explained rows"
     assert attr["conductance_layers"] == ["layers.1"]
+    assert "Simpson" in attr["integrated_gradients"]  # from the conductance walk
     arts = {f.path for f in MlflowClient().list_artifacts(out.run_id, "xai/attributions")}
     assert "xai/attributions/integrated_gradients.png" in arts
 

@@ -90,6 +90,9 @@ def test_explain_by_alias_logs_every_artifact_and_tags_the_version(trained: dict
     ig = json.loads(_download(out.run_id, "xai/attributions/integrated_gradients.json").read_text())
     assert set(ig["feature_names"]) == {"age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6"}
     assert len(ig["ranked"]) == 10 and ig["completeness_error_max"] is not None
+    # integrated gradients came with the conductance walk, and the summary says by which rule
+    assert "Simpson" in summary["attributions"]["integrated_gradients"]
+    assert summary["attributions"]["conductance_layers"]
 
     html = _download(out.run_id, "xai/report.html").read_text()
     srcs = re.findall(r'src="([^"]*)"', html)
@@ -98,6 +101,7 @@ def test_explain_by_alias_logs_every_artifact_and_tags_the_version(trained: dict
     for s in srcs[:3]:
         base64.b64decode(s.split(",", 1)[1], validate=True)
     assert "Feature attributions" in html and "bmi" in html
+    assert "Integrated gradients: the path integral by Simpson" in html
     # Each weight and gradient heatmap carries its numbers for the zoom view (20x10: as is).
     heats = {d["path"]: d for d in map(json.loads, re.findall(r'class="heat-data">(.*?)</script>', html))}
     assert {"xai/weights/layers.0.png", "xai/gradients/layers.0.png"} <= {f"xai/{p}" for p in heats}

@@ -63,7 +63,9 @@ __all__ = [
     "completeness_error",
     "conductance",
     "conductances",
+    "path_attributions",
     "rank_features",
+    "simpson_weights",
 ]
 
 Method = Literal["integrated_gradients", "deep_lift", "gradient_shap", "feature_ablation"]
@@ -714,24 +716,72 @@ def conductances(
         return {}
     with _attribution_mode(model), _LayerTaps(modules) as taps:
         p = _prepare(model, inputs, baselines, target, task)
-        sums = _path_conductance(p, taps, n_steps)
+        sums = _walk_path(p, taps, n_steps, with_inputs=False).conductance
     return {name: sums[name].detach().cpu().numpy() for name in names}
 
 
-def _path_conductance(p: _Prepared, taps: _LayerTaps, n_steps: int) -> dict[str, torch.Tensor]:
-    """Captum's conductance sum for every tapped layer, walking the path in chunks."""
+@dataclass
+class _Walk:
+    """What one walk along the path gives: each tapped layer's conductance sum and,
+    when the input gradients were taken too, integrated gradients and the output at
+    both ends of the path (for the completeness error)."""
+
+    conductance: dict[str, torch.Tensor]
+    input_integral: torch.Tensor | None = None  # sum over points of weight x input gradient
+    f_baseline: torch.Tensor | None = None
+    f_input: torch.Tensor | None = None
+
+
+def simpson_weights(n_steps: int) -> list[float]:
+    """Quadrature weights of the ``n_steps + 1`` uniform points from 0 to 1 (they sum to 1).
+
+    Composite Simpson for an even ``n_steps``; for an odd one, Simpson on all but the
+    last three intervals and Simpson's 3/8 rule on those; the trapezoid for one interval.
+    Exact for cubics along the path (the error falls as ``1/n_steps**4`` on smooth
+    integrands, as ``1/n_steps`` across a ReLU kink, as for any rule).
+
+    Example:
+        >>> [round(w * 12, 6) for w in simpson_weights(4)]
+        [1.0, 4.0, 2.0, 4.0, 1.0]
+        >>> round(sum(simpson_weights(7)), 12)
+        1.0
+    """
+    _check_n_steps(n_steps)
+    n, h = n_steps, 1.0 / n_steps
+    w = [0.0] * (n + 1)
+    if n == 1:
+        return [0.5, 0.5]
+    simpson = n if n % 2 == 0 else n - 3
+    for i in range(0, simpson, 2):  # [1, 4, 1] x h/3 on each pair of intervals
+        w[i] += h / 3
+        w[i + 1] += 4 * h / 3
+        w[i + 2] += h / 3
+    if simpson < n:  # the last three intervals: [1, 3, 3, 1] x 3h/8
+        for j, c in enumerate((1.0, 3.0, 3.0, 1.0)):
+            w[simpson + j] += c * 3 * h / 8
+    return w
+
+
+def _walk_path(p: _Prepared, taps: _LayerTaps, n_steps: int, *, with_inputs: bool) -> _Walk:
+    """One walk along the straight path from the baseline to the inputs, in chunks of
+    points: captum's conductance sum for every tapped layer and, ``with_inputs``, the
+    Simpson-weighted integral of the input gradients (integrated gradients)."""
     batch = p.x.shape[0]
     # captum's grid for riemann_trapezoid with n_steps + 1 points, as python floats,
     # and captum's path expression, so the points are bitwise those captum evaluates.
     alphas = torch.linspace(0, 1, n_steps + 1).tolist()
-    # The width of the tapped outputs per row sets how many points go into one chunk.
+    weights = simpson_weights(n_steps)
+    # The width of the tapped outputs (and inputs) per row sets how many points go into one chunk.
     with torch.no_grad():
         taps.begin()
         p.net(p.x[:1])
         taps.check(1)
         per_row = sum(int(out[0].numel()) for out in taps.outputs.values())
+    if with_inputs:
+        per_row += int(p.x[0].numel())
     per_chunk = max(1, min(len(alphas), _PATH_MAX_ELEMENTS // max(1, per_row * batch)))
-    sums: dict[str, torch.Tensor] = {}
+    walk = _Walk(conductance={})
+    sums = walk.conductance
     prev: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # last point's (gradient, output)
     for start in range(0, len(alphas), per_chunk):
         chunk = alphas[start:start + per_chunk]
@@ -743,8 +793,21 @@ def _path_conductance(p: _Prepared, taps: _LayerTaps, n_steps: int) -> dict[str,
             taps.check(k * batch)
             chosen = out[torch.arange(k * batch, device=out.device), p.target.repeat(k)]
             kept = [taps.outputs[name] for name in taps.modules]
-            grads = torch.autograd.grad(chosen.sum(), kept, allow_unused=True)
-        for name, h, g in zip(taps.modules, kept, grads, strict=True):
+            wrt = [*kept, scaled] if with_inputs else kept
+            grads = torch.autograd.grad(chosen.sum(), wrt, allow_unused=True)
+        if with_inputs:
+            g_in = grads[-1]
+            g_in = torch.zeros_like(scaled) if g_in is None else g_in.detach()
+            g_in = g_in.reshape(k, batch, *p.x.shape[1:])
+            w = torch.tensor(weights[start:start + k], dtype=g_in.dtype, device=g_in.device)
+            part = (g_in * w.reshape(k, *([1] * (g_in.ndim - 1)))).sum(dim=0)
+            walk.input_integral = part if walk.input_integral is None else walk.input_integral + part
+            ends = chosen.detach().reshape(k, batch)
+            if start == 0:
+                walk.f_baseline = ends[0]
+            if start + k == len(alphas):
+                walk.f_input = ends[-1]
+        for name, h, g in zip(taps.modules, kept, grads, strict=False):
             h = h.detach()
             g = torch.zeros_like(h) if g is None else g.detach()
             h = h.reshape(k, batch, *h.shape[1:])
@@ -756,7 +819,76 @@ def _path_conductance(p: _Prepared, taps: _LayerTaps, n_steps: int) -> dict[str,
                 total = total + g_prev * (h[0] - h_prev)
             sums[name] = total if name not in sums else sums[name] + total
             prev[name] = (g[-1], h[-1])
-    return sums
+    return walk
+
+
+def path_attributions(
+    model: nn.Module,
+    inputs: torch.Tensor | np.ndarray,
+    layers: Sequence[str],
+    target: TargetSpec = None,
+    baselines: BaselineSpec = None,
+    *,
+    task: Task | None = None,
+    n_steps: int = 50,
+) -> tuple[Attribution, dict[str, np.ndarray]]:
+    """Integrated gradients and the conductance of several layers from one walk along the path.
+
+    What ``mlflow-xai explain`` computes. The conductances are those of
+    :func:`conductances` (captum's ``LayerConductance`` on ``n_steps + 1`` uniform
+    points). The same points' input gradients, taken by the same backward passes,
+    give integrated gradients: ``(x - baseline)`` times their integral along the path
+    by :func:`simpson_weights`. That is the quantity :func:`attribute` computes with
+    captum's Gauss-Legendre rule, by another quadrature on other points: the path
+    integral costs nothing beyond the conductance walk, where :func:`attribute` would
+    walk the path a second time. Measured as in :func:`attribute_with_error` (64 rows,
+    10 seeds, zero and mean baselines, ``n_steps=50``), relative to the mean
+    ``|f(x) - f(baseline)|``: tanh nets median 2e-6, worst 4e-4 (Gauss-Legendre: 1e-7,
+    1e-6); sigmoid median 5e-7, worst 5e-6; ReLU nets median 6e-3, worst 1.1e-1
+    (Gauss-Legendre: 5e-3, 7e-2) -- at a kink every rule is first order. The
+    completeness error is measured from the outputs at the two ends of the path.
+
+    Args:
+        model: Any ``nn.Module``.
+        inputs: Batch-first inputs.
+        layers: Qualified module names, as in :func:`conductances` (may be empty: then
+            only integrated gradients).
+        target, baselines, task: As in :func:`attribute`.
+        n_steps: Integration steps (``n_steps + 1`` points).
+
+    Returns:
+        ``(integrated gradients as an Attribution with its completeness error,
+        {layer: conductance})``.
+
+    Raises:
+        XAIError: As :func:`conductances` and :func:`attribute`.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        >>> ig, cond = path_attributions(net, torch.randn(8, 3), ["1"])
+        >>> ig.values.shape, cond["1"].shape, bool((ig.completeness_error < 1e-4).all())
+        ((8, 3), (8, 4), True)
+    """
+    _check_model(model)
+    _check_n_steps(n_steps)
+    if isinstance(layers, str):
+        raise XAIError(f"layers must be a list of layer names, got the string {layers!r}; pass [name]")
+    names = list(dict.fromkeys(layers))
+    modules = {name: _resolve_layer(model, name) for name in names}
+    with _attribution_mode(model), _LayerTaps(modules) as taps:
+        p = _prepare(model, inputs, baselines, target, task)
+        walk = _walk_path(p, taps, n_steps, with_inputs=True)
+        assert walk.input_integral is not None and walk.f_input is not None and walk.f_baseline is not None
+        values = (p.x - p.baseline) * walk.input_integral
+        total = values.detach().double().reshape(values.shape[0], -1).sum(dim=1)
+        delta = (total - (walk.f_input.double() - walk.f_baseline.double())).abs()
+    ig = Attribution(
+        method="integrated_gradients",
+        values=values.detach().cpu().numpy(),
+        target=p.target.cpu().numpy(),
+        completeness_error=delta.to(values.dtype).cpu().numpy(),
+    )
+    return ig, {name: walk.conductance[name].detach().cpu().numpy() for name in names}
 
 
 def rank_features(

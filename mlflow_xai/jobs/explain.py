@@ -69,16 +69,49 @@ def _attributions_stage(model: Any, X: np.ndarray, meta: dict[str, Any], methods
     A method that cannot run on this model (captum's DeepLift on a module the forward
     calls twice, say) is left out with a warning instead of failing the explanation.
     """
+    import torch
+    from torch import nn
+
     from mlflow_xai.figures.attributions import attribution_bar, conductance_figure, weights_vs_conductance
-    from mlflow_xai.inspect.attributions import attribute_with_error, conductances, rank_features
+    from mlflow_xai.inspect.attributions import (
+        attribute_with_error,
+        conductances,
+        path_attributions,
+        rank_features,
+    )
 
     task = meta["task"]
     names = list(meta["feature_names"])
     section: dict[str, Any] = {"baseline": baseline_note, "methods": {}}
     (out / "attributions").mkdir(exist_ok=True)
+
+    # Conductance of each hidden block's units (the activation output), and the cookbook's
+    # comparison of the last hidden layer's conductance with the head's weights on it.
+    blocks = [n for n, m in model.named_modules() if n and isinstance(m, nn.Module)
+              and not list(m.children()) and type(m).__name__ in _ACTIVATION_NAMES]
+    reused = {name.split("@", 1)[0] for name in _called_names(model, X) if "@" in name}
+    skipped = [b for b in blocks if b in reused]
+    if skipped:
+        warnings.append(f"conductance skipped for {', '.join(skipped)}: the forward calls "
+                        f"{'them' if len(skipped) > 1 else 'it'} more than once")
+    blocks = [b for b in blocks if b not in reused]
+    # Integrated gradients and every block's conductance from one walk along the
+    # integration path (the input gradients come with the layers' gradients); where
+    # that walk cannot run, each is computed on its own below.
+    walked: tuple[Any, dict[str, np.ndarray]] | None = None
+    if "integrated_gradients" in methods and blocks:
+        try:
+            walked = path_attributions(model, X, blocks, baselines=baseline, task=task)
+            section["integrated_gradients"] = ("the path integral by Simpson's rule on the 51 uniform "
+                                               "points that the conductance walk takes")
+        except (RuntimeError, AssertionError, TypeError, ValueError, XAIError):
+            walked = None
     for method in methods:
         try:
-            attr = attribute_with_error(model, X, method, baselines=baseline, task=task)  # type: ignore[arg-type]
+            if method == "integrated_gradients" and walked is not None:
+                attr = walked[0]
+            else:
+                attr = attribute_with_error(model, X, method, baselines=baseline, task=task)  # type: ignore[arg-type]
         except (RuntimeError, AssertionError, TypeError, ValueError, XAIError) as exc:
             first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             warnings.append(f"attribution method {method} skipped: it failed on this model ({first})")
@@ -101,23 +134,11 @@ def _attributions_stage(model: Any, X: np.ndarray, meta: dict[str, Any], methods
         }
     section["agreement"] = _agreement(section["methods"])
 
-    # Conductance of each hidden block's units (the activation output), and the cookbook's
-    # comparison of the last hidden layer's conductance with the head's weights on it.
-    import torch
-    from torch import nn
-
-    blocks = [n for n, m in model.named_modules() if n and isinstance(m, nn.Module)
-              and not list(m.children()) and type(m).__name__ in _ACTIVATION_NAMES]
     (out / "conductance").mkdir(exist_ok=True)
     cond_means: dict[str, list[float]] = {}
-    reused = {name.split("@", 1)[0] for name in _called_names(model, X) if "@" in name}
-    skipped = [b for b in blocks if b in reused]
-    if skipped:
-        warnings.append(f"conductance skipped for {', '.join(skipped)}: the forward calls "
-                        f"{'them' if len(skipped) > 1 else 'it'} more than once")
-    blocks = [b for b in blocks if b not in reused]
     # Every block's conductance from one walk along the integration path.
-    for layer, cond in conductances(model, X, blocks, baselines=baseline, task=task).items():
+    by_layer = walked[1] if walked is not None else conductances(model, X, blocks, baselines=baseline, task=task)
+    for layer, cond in by_layer.items():
         per_unit = cond.mean(axis=0)
         cond_means[layer] = [float(v) for v in per_unit]
         images[f"conductance/{layer}.png"] = paint(lambda n=layer, c=cond: conductance_figure(n, c))

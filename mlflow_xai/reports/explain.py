@@ -179,9 +179,11 @@ def _attributions_html(attributions: Any) -> str:
         err = number(info.get("completeness_error_max"))
         rows.append(f"<tr><td>{text(method)}</td><td>{top}</td><td>{err}</td></tr>")
     agreement = attributions.get("agreement")
+    rule = attributions.get("integrated_gradients")
     return "\n".join([
         "<h2>Feature attributions</h2>",
         f"<p>Baseline: {text(attributions.get('baseline'))}.</p>",
+        f"<p>Integrated gradients: {text(rule)}.</p>" if rule else "",
         "<table><tr><th>method</th><th>top features (mean |attribution|)</th>"
         "<th>completeness error (max)</th></tr>",
         *rows,
